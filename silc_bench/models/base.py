@@ -1,0 +1,118 @@
+"""The one model interface every harness talks to.
+
+Harnesses call only what is defined here; they never reach into tower internals. Each checkpoint
+format (big_vision, open_clip, hf) returns a subclass of `VisionLanguageModel`.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How raw RGB images become the pixels a model expects.
+
+    `resize`: "squash" resizes to `image_size` ignoring aspect ratio (big_vision / SigLIP);
+    "shortest" resizes the short side and centre-crops (OpenAI CLIP / open_clip).
+    Dense harnesses only use `normalize` (they do their own resizing and cropping).
+    """
+
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str = "squash"
+    interpolation: str = "bilinear"
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """NCHW float images in [0, 1] -> the model's input range."""
+        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+BIG_VISION_PREPROCESS = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize="squash", interpolation="bilinear")
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class Tokenizer(abc.ABC):
+    """Text -> token ids of a fixed context length; `describe()` goes into every result record."""
+
+    context_length: int
+
+    @abc.abstractmethod
+    def __call__(self, texts: list[str]) -> torch.Tensor:  # [B, context_length] int64
+        ...
+
+    @abc.abstractmethod
+    def describe(self) -> dict:  # kind, file, sha256, settings
+        ...
+
+
+class VisionLanguageModel(nn.Module, abc.ABC):
+    """A two-tower model as harnesses see it.
+
+    Embeddings are returned un-normalised. `dense_features` is in the same space as
+    `encode_image`, so cosine(dense patch, text) is meaningful. Dense modes are named strings
+    (`dense_modes`); every result records the one used.
+    """
+
+    tokenizer: Tokenizer
+    preprocess: Preprocess
+    patch_size: int
+    dense_modes: tuple[str, ...] = ()
+    default_dense_mode: str = ""
+
+    def __init__(self):
+        super().__init__()
+        # Filled by the loader: format, source path or name, sha256, architecture facts.
+        self.provenance: dict = {}
+
+    @abc.abstractmethod
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:  # [B, D]
+        ...
+
+    @abc.abstractmethod
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:  # [B, D]
+        ...
+
+    @abc.abstractmethod
+    def dense_features(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:  # [B, h, w, D]
+        ...
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    @property
+    @abc.abstractmethod
+    def logit_scale(self) -> float | None:
+        ...
+
+    @property
+    @abc.abstractmethod
+    def logit_bias(self) -> float | None:
+        ...
+
+    def check_dense_mode(self, mode: str | None) -> str:
+        mode = mode or self.default_dense_mode
+        if mode not in self.dense_modes:
+            raise ValueError(f"dense mode {mode!r} is not offered by this model; choose one of {self.dense_modes}")
+        return mode
+
+    def describe(self) -> dict:
+        """Everything a result record needs to say which model produced it."""
+        return {
+            **self.provenance,
+            "tokenizer": self.tokenizer.describe(),
+            "preprocess": self.preprocess.to_dict(),
+            "patch_size": self.patch_size,
+            "logit_scale": self.logit_scale,
+            "logit_bias": self.logit_bias,
+        }
