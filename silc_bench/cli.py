@@ -1,0 +1,112 @@
+"""`silc-bench` command line: run | ls | pretrain."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from silc_bench.errors import UserError
+from silc_bench.paths import CHECKPOINT_ENV, DATA_ENV, RESULTS_DIR
+
+
+def _add_run(sub):
+    p = sub.add_parser("run", help="evaluate models on a task's datasets and write result records")
+    p.add_argument("task", help="task name (silc-bench ls tasks)")
+    p.add_argument("--model", required=True, help="comma-separated: registry names, .npz paths, open_clip:ARCH[:WEIGHTS], hf:DIR")
+    p.add_argument("--datasets", help="comma-separated dataset names (default: the task's list)")
+    p.add_argument("--data-root", help=f"folder holding the datasets (default ${DATA_ENV}, else ~/data)")
+    p.add_argument("--checkpoint-dir", help=f"folder holding named checkpoints (default ${CHECKPOINT_ENV})")
+    p.add_argument("--tokenizer", help="for a bare .npz: sentencepiece:FILE")
+    p.add_argument("--out", default=str(RESULTS_DIR / "runs"), help="output folder for records and tables")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=16, help="crops per forward (does not change the numbers)")
+    p.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
+    p.add_argument("--limit", type=int, help="first N images only (records are marked limited)")
+    p.add_argument("--dense-mode", help="override the model's default dense path (e.g. map_value_no_mlp)")
+    p.add_argument("--force", action="store_true", help="recompute pairs whose record exists")
+    p.add_argument("--no-cache", action="store_true", help="recompute cached class text embeddings")
+    p.add_argument("--shard-size", type=int, default=32, help="images per resumable shard")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_run(args) -> int:
+    from silc_bench import registry
+    from silc_bench.results.record import find_records
+    from silc_bench.results.table import paper_layout_table
+    from silc_bench.runner import RunOptions, default_device, parse_list, run
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}", fix="pass a positive number of images")
+    task = registry.task_spec(args.task)
+    opts = RunOptions(
+        data_root=args.data_root, out_dir=args.out, checkpoint_dir=args.checkpoint_dir, tokenizer=args.tokenizer,
+        device=args.device or default_device(), batch_size=args.batch_size, workers=args.workers, limit=args.limit,
+        protocol_overrides={"dense_mode": args.dense_mode}, force=args.force, progress=not args.no_progress,
+        cache=not args.no_cache, shard_size=args.shard_size,
+    )
+    models = parse_list(args.model)
+    datasets = parse_list(args.datasets) or task["datasets"]
+    for name in datasets:
+        registry.dataset_entry(name)  # fail on a typo before loading any model
+    run(args.task, models, datasets, opts)
+    if not _is_rank_zero():
+        return 0
+    # The table shows every record of the requested pairs, including ones skipped as already done.
+    wanted = {(m, d) for m in models for d in datasets}
+    records = [r for r in find_records(Path(args.out) / args.task)
+               if (r["model"].get("spec"), r["dataset"]["name"]) in wanted and r["dataset"].get("limit") == args.limit]
+    table = paper_layout_table(task, records)
+    from silc_bench.results.record import atomic_write_text
+
+    atomic_write_text(Path(args.out) / args.task / "table.md", table)
+    print(table)
+    return 0
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def cmd_ls(args) -> int:
+    from silc_bench import registry
+
+    what = args.what
+    tables = {"models": registry.models, "tasks": registry.tasks, "datasets": registry.datasets}
+    for kind in ([what] if what else list(tables)):
+        print(f"{kind}:")
+        for name, entry in tables[kind]().items():
+            info = entry.get("format") or entry.get("layout") or entry.get("description") or ""
+            print(f"  {name:20s} {info}")
+    return 0
+
+
+def cmd_pretrain(args, rest) -> int:
+    from silc_bench.pretrain.trainer import main as pretrain_main
+
+    return pretrain_main(rest) or 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="silc-bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    ls = sub.add_parser("ls", help="list models, tasks and datasets")
+    ls.add_argument("what", nargs="?", choices=["models", "tasks", "datasets"])
+    sub.add_parser("pretrain", help="reference pretraining (CLIP, SigLIP, SILC); see --help of the trainer", add_help=False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "pretrain":
+            return cmd_pretrain(args, rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return {"run": cmd_run, "ls": cmd_ls}[args.command](args)
+    except UserError as e:
+        print(f"silc-bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

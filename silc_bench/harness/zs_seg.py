@@ -1,0 +1,187 @@
+"""Zero-shot segmentation from dense patch features (TCL protocol; SILC Table 2).
+
+Why it is fast: crops from several images share one forward (`batch_size` crops at a time), text
+embeddings are computed once per (model, class list, templates), images are decoded by DataLoader
+workers while the model runs, and everything runs under `torch.inference_mode`.
+Why it is exact: per-crop logits are upsampled to the crop, summed over overlapping crops and
+divided by the count, resized to the label and argmaxed, as in mmseg's slide inference; batching
+only changes which crops share a forward, never the arithmetic done per crop.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from silc_bench.data.prompts import get_templates, prompt_set_hash
+from silc_bench.metrics.segmentation import SegmentationMetric
+
+
+def rescale_size(height: int, width: int, short_side: int, long_side_max: int) -> tuple[int, int]:
+    """mmseg `Resize(scale=(long, short), keep_ratio=True)`: fit inside (long, short)."""
+    factor = min(long_side_max / max(height, width), short_side / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def slide_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """Window boxes (y1, x1, y2, x2) exactly as mmseg's `slide_inference` places them."""
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + crop, height), min(c * stride + crop, width)
+            boxes.append((max(y2 - crop, 0), max(x2 - crop, 0), y2, x2))
+    return boxes
+
+
+@torch.inference_mode()
+def class_embeddings(model, classnames: list[list[str]], templates: list[str], device, batch_size: int = 256) -> torch.Tensor:
+    """[C, S, D] L2-normalised prompt-ensembled embeddings; S = most synonyms (short lists padded
+    with their first name, which leaves a max over synonyms unchanged)."""
+    names = sorted({n for syns in classnames for n in syns})
+    prompts = [t.format(n) for n in names for t in templates]
+    chunks = []
+    for i in range(0, len(prompts), batch_size):
+        ids = model.tokenize(prompts[i:i + batch_size]).to(device)
+        chunks.append(F.normalize(model.encode_text(ids).float(), dim=-1))
+    per_prompt = torch.cat(chunks).view(len(names), len(templates), -1)
+    per_name = F.normalize(per_prompt.mean(dim=1), dim=-1)
+    index = {n: i for i, n in enumerate(names)}
+    width = max(len(s) for s in classnames)
+    table = [[index[s[min(j, len(s) - 1)]] for j in range(width)] for s in classnames]
+    return per_name[torch.tensor(table, device=per_name.device)]
+
+
+@dataclass
+class _Canvas:
+    """Running sum of crop logits for one image at its resized size."""
+
+    logits: torch.Tensor
+    count: torch.Tensor
+    label: torch.Tensor
+    pending: int
+
+
+@dataclass
+class ZsSegSetup:
+    text: torch.Tensor  # [C, S, D]
+    protocol: dict
+    dense_mode: str
+    details: dict = field(default_factory=dict)
+
+
+def text_cache_key(model, classnames, templates) -> dict | None:
+    """Everything that changes class text embeddings; None (do not cache) without a checkpoint hash."""
+    info = model.describe()
+    if not info.get("sha256"):
+        return None
+    return {"what": "class_text_embeddings/v1", "model_sha256": info["sha256"], "format": info.get("format"),
+            "tokenizer": info["tokenizer"], "templates": list(templates), "classnames": classnames}
+
+
+def setup(model, dataset, protocol: dict, device, cache=None) -> ZsSegSetup:
+    templates = get_templates(protocol["templates"])
+    dense_mode = model.check_dense_mode(protocol.get("dense_mode"))
+
+    def compute():
+        return class_embeddings(model, dataset.classnames, templates, device)
+
+    key = text_cache_key(model, dataset.classnames, templates)
+    text = compute() if cache is None else cache.get_or_compute("text", key, compute).to(device)
+    details = {
+        "dense_mode": dense_mode,
+        "templates": protocol["templates"],
+        "num_templates": len(templates),
+        "prompt_set_sha256": prompt_set_hash(templates),
+    }
+    return ZsSegSetup(text=text, protocol=protocol, dense_mode=dense_mode, details=details)
+
+
+def _crop_logits(model, prepared: ZsSegSetup, crops: torch.Tensor) -> torch.Tensor:
+    """[B, 3, h, w] normalised crops -> [B, C, h, w] cosine logits (max over synonyms)."""
+    feats = F.normalize(model.dense_features(crops, mode=prepared.dense_mode).float(), dim=-1)  # [B, gh, gw, D]
+    c, s, d = prepared.text.shape
+    logits = torch.einsum("bhwd,nd->bnhw", feats, prepared.text.view(c * s, d))
+    logits = logits.view(logits.shape[0], c, s, *logits.shape[2:]).amax(dim=2)
+    return F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+
+
+@torch.inference_mode()
+def evaluate(model, dataset, prepared: ZsSegSetup, indices, *, device, batch_size: int = 16, workers: int = 0,
+             progress=None) -> dict:
+    """Run the protocol on `indices` of `dataset`; return the metric's mergeable state."""
+    p = prepared.protocol
+    metric = SegmentationMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, list(indices)), batch_size=None, num_workers=workers,
+        pin_memory=str(device).startswith("cuda"), prefetch_factor=4 if workers else None,
+    )
+    canvases: dict[int, _Canvas] = {}
+    queues: dict[tuple[int, int], list] = defaultdict(list)  # crop shape -> [(image id, box, crop)]
+
+    def finish(image_id: int):
+        canvas = canvases.pop(image_id)
+        logits = canvas.logits / canvas.count
+        logits = F.interpolate(logits[None], size=canvas.label.shape, mode="bilinear", align_corners=False)[0]
+        metric.update(logits.argmax(dim=0), canvas.label)
+        if progress is not None:
+            progress.update(1)
+
+    def flush(shape):
+        batch = queues.pop(shape)
+        logits = _crop_logits(model, prepared, torch.stack([crop for _, _, crop in batch]))
+        for (image_id, (y1, x1, y2, x2), _), crop_logits in zip(batch, logits):
+            canvas = canvases[image_id]
+            canvas.logits[:, y1:y2, x1:x2] += crop_logits
+            canvas.count[:, y1:y2, x1:x2] += 1
+            canvas.pending -= 1
+            if canvas.pending == 0:
+                finish(image_id)
+
+    for sample in loader:
+        image = sample["image"].to(device, non_blocking=True).float()
+        label = sample["label"].to(device, non_blocking=True)
+        h, w = rescale_size(*image.shape[-2:], p["short_side"], p.get("long_side_max", 2048))
+        # Resize as the anchors do (bilinear on the 8-bit image, result stored as 8-bit), then normalise.
+        image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False).round().clamp(0, 255)
+        image = model.preprocess.normalize(image / 255.0)[0]
+        boxes = slide_windows(h, w, p["crop"], p["stride"])
+        image_id = sample["index"]
+        canvases[image_id] = _Canvas(
+            logits=torch.zeros(dataset.num_classes, h, w, device=device),
+            count=torch.zeros(1, h, w, device=device),
+            label=label,
+            pending=len(boxes),
+        )
+        for box in boxes:
+            y1, x1, y2, x2 = box
+            shape = (y2 - y1, x2 - x1)
+            queues[shape].append((image_id, box, image[:, y1:y2, x1:x2]))
+            if len(queues[shape]) >= batch_size:
+                flush(shape)
+    for shape in list(queues):
+        flush(shape)
+    assert not canvases, "every image must be finished"
+    return metric.state()
+
+
+def open_dataset(name: str, data_root, limit: int | None = None):
+    from silc_bench.data.segmentation import open_dataset as _open
+    from silc_bench.paths import data_root as _root
+
+    return _open(name, _root(data_root), limit=limit)
+
+
+def finalize(dataset, state: dict) -> tuple[dict, dict]:
+    """Mergeable state -> (headline metrics, per-class metrics keyed by class name)."""
+    metric = SegmentationMetric(dataset.num_classes, ignore_index=dataset.ignore_index)
+    metric.merge(state)
+    result = metric.compute()
+    names = [syns[0] for syns in dataset.classnames]
+    headline = {k: result[k] for k in ("mIoU", "aAcc", "mAcc")}
+    headline["mIoU_present"] = metric.compute_present_only()["mIoU"]
+    per_class = {"IoU": dict(zip(names, result["IoU"])), "Acc": dict(zip(names, result["Acc"]))}
+    return headline, per_class

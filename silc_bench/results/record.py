@@ -1,0 +1,119 @@
+"""Result records: one JSON file per (model, task, dataset), written whole or not at all.
+
+A record says how its numbers were produced: checkpoint hash, tokenizer, prompts, protocol,
+package versions and git commit.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from silc_bench.errors import UserError
+from silc_bench.paths import PROJECT_DIR
+
+SCHEMA = "silc-bench/result/v1"
+REQUIRED_KEYS = ("schema", "task", "model", "dataset", "protocol", "metrics", "environment", "timing")
+_PACKAGES = ("silc-bench", "torch", "torchvision", "open_clip_torch", "transformers", "numpy", "sentencepiece", "pillow")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temp file in the same folder and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def git_state() -> dict:
+    def git(*args):
+        return subprocess.run(["git", "-C", str(PROJECT_DIR), *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return {"commit": None, "dirty": None}
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def environment(device) -> dict:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    import torch
+
+    device = str(device)
+    return {
+        "versions": versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else platform.processor(),
+        "git": git_state(),
+    }
+
+
+def slug(text: str) -> str:
+    """A file-system-safe name for a model spec (paths and open_clip:/hf: specs included)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
+
+
+def record_path(out_dir: str | Path, task: str, model_name: str, dataset: str) -> Path:
+    return Path(out_dir) / task / slug(model_name) / f"{dataset}.json"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_record(path: str | Path, record: dict) -> None:
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"record lacks {missing}")
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, allow_nan=True) + "\n")
+
+
+def read_record(path: str | Path) -> dict:
+    """Read and validate one record; a damaged one is a UserError naming the file."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"result record is unreadable ({e})", path=path, fix="delete it and run again (or use --force)")
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA or any(k not in record for k in REQUIRED_KEYS):
+        raise UserError("file is not a complete silc-bench result record", path=path, fix="delete it and run again (or use --force)")
+    return record
+
+
+def find_records(root: str | Path) -> list[dict]:
+    """Every valid record under `root`, skipping work files (shards, caches)."""
+    out = []
+    for path in sorted(Path(root).rglob("*.json")):
+        if any(part.startswith(".") or part in ("shards", "cache") for part in path.relative_to(root).parts):
+            continue
+        try:
+            record = read_record(path)
+        except UserError:
+            continue
+        record["_path"] = str(path)
+        out.append(record)
+    return out

@@ -1,0 +1,185 @@
+"""The zero-shot segmentation harness against answers known by construction and a naive reference."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from silc_bench.harness import zs_seg
+from silc_bench.models.base import Preprocess, Tokenizer, VisionLanguageModel
+
+PALETTE = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]], dtype=torch.float32)
+
+
+class WordTokenizer(Tokenizer):
+    """'a photo of a class3.' -> id 3 in the first position (the fake text tower reads it)."""
+
+    context_length = 4
+
+    def __call__(self, texts):
+        ids = [int(t.split("class")[1].split(".")[0].split()[0]) if "class" in t else 0 for t in texts]
+        return torch.tensor(ids, dtype=torch.long)[:, None].repeat(1, self.context_length)
+
+    def describe(self):
+        return {"kind": "fake"}
+
+
+class ColourOracle(VisionLanguageModel):
+    """Patch size 1; a pixel's embedding is the one-hot of its nearest palette colour, so its
+    correct class is known by construction. Text embedding of 'classK' is one-hot K."""
+
+    patch_size = 1
+    dense_modes = ("oracle",)
+    default_dense_mode = "oracle"
+
+    def __init__(self, num_classes=5, noise=0.0):
+        super().__init__()
+        self.tokenizer = WordTokenizer()
+        self.preprocess = Preprocess(image_size=(8, 8), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        self.num_classes = num_classes
+        self.noise = noise
+        self.forward_calls = 0
+
+    def dense_features(self, pixels, mode=None):
+        self.forward_calls += 1
+        rgb = pixels.permute(0, 2, 3, 1) * 255.0  # [B, h, w, 3]
+        dist = ((rgb[..., None, :] - PALETTE[: self.num_classes]) ** 2).sum(-1)
+        feats = F.one_hot(dist.argmin(-1), self.num_classes).float()
+        if self.noise:  # seeded by each crop's content, so it does not depend on batching
+            for b in range(feats.shape[0]):
+                g = torch.Generator().manual_seed(int(pixels[b].double().sum().item() * 1000) % 2**31)
+                feats[b] += self.noise * torch.randn(feats[b].shape, generator=g)
+        return feats
+
+    def encode_text(self, token_ids):
+        return F.one_hot(token_ids[:, 0], self.num_classes).float()
+
+    def encode_image(self, pixels):
+        return self.dense_features(pixels).mean(dim=(1, 2))
+
+    @property
+    def logit_scale(self):
+        return None
+
+    @property
+    def logit_bias(self):
+        return None
+
+
+class ColourDataset(torch.utils.data.Dataset):
+    """Random rectangles of palette colours; the label is the colour's index; some pixels ignored."""
+
+    ignore_index = 255
+
+    def __init__(self, n=4, size=(32, 56), num_classes=5, seed=0):
+        self.num_classes = num_classes
+        self.classnames = [[f"class{k}", f"class{k} thing"] if k % 2 else [f"class{k}"] for k in range(num_classes)]
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for i in range(n):
+            h, w = size[0], size[1] - 8 * i  # short side 32 = the protocol's: no resampling
+            label = torch.randint(0, num_classes, (h // 8, w // 8), generator=g)
+            label = label.repeat_interleave(8, 0).repeat_interleave(8, 1)
+            label = F.pad(label, (0, w - label.shape[1], 0, h - label.shape[0]), value=0)
+            image = PALETTE[label].permute(2, 0, 1).to(torch.uint8)
+            label = label.clone()
+            label[:2] = 255  # ignored rows
+            self.items.append((image, label))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        image, label = self.items[i]
+        return {"image": image, "label": label, "name": f"img{i}", "index": i}
+
+
+PROTOCOL = {"short_side": 32, "long_side_max": 2048, "crop": 24, "stride": 12, "templates": "a_photo_of", "dense_mode": None}
+
+
+def run(model, dataset, batch_size=16, protocol=PROTOCOL):
+    prepared = zs_seg.setup(model, dataset, protocol, "cpu")
+    state = zs_seg.evaluate(model, dataset, prepared, range(len(dataset)), device="cpu", batch_size=batch_size)
+    return zs_seg.finalize(dataset, state)
+
+
+def test_rescale_size_matches_mmseg_keep_ratio():
+    # ADE image 512x683 -> short side 448; a very wide image is capped by the long side.
+    assert zs_seg.rescale_size(512, 683, 448, 2048) == (448, 598)
+    assert zs_seg.rescale_size(100, 1000, 448, 2048) == (205, 2048)
+    assert zs_seg.rescale_size(448, 448, 448, 2048) == (448, 448)
+
+
+def test_slide_windows_cover_like_mmseg():
+    boxes = zs_seg.slide_windows(448, 598, 448, 224)
+    assert boxes == [(0, 0, 448, 448), (0, 150, 448, 598)]
+    boxes = zs_seg.slide_windows(600, 1000, 448, 224)
+    assert len(boxes) == 2 * 4 and boxes[-1] == (152, 552, 600, 1000)
+    # Smaller than the crop: one window, the whole image.
+    assert zs_seg.slide_windows(100, 300, 448, 224) == [(0, 0, 100, 300)]
+
+
+def test_oracle_model_scores_100():
+    metrics, per_class = run(ColourOracle(), ColourDataset())
+    assert metrics["mIoU"] == pytest.approx(100.0)
+    assert metrics["aAcc"] == pytest.approx(100.0)
+    assert set(per_class["IoU"]) == {f"class{k}" for k in range(5)}
+
+
+def naive_reference(model, dataset, protocol):
+    """One crop per forward, written without the harness: the anchor repositories' loop."""
+    from silc_bench.metrics.segmentation import SegmentationMetric
+
+    text = zs_seg.class_embeddings(model, dataset.classnames, ["a photo of a {}."], "cpu")
+    metric = SegmentationMetric(dataset.num_classes)
+    crop, stride = protocol["crop"], protocol["stride"]
+    for i in range(len(dataset)):
+        s = dataset[i]
+        h0, w0 = s["label"].shape
+        f = min(protocol["long_side_max"] / max(h0, w0), protocol["short_side"] / min(h0, w0))
+        h, w = int(h0 * f + 0.5), int(w0 * f + 0.5)
+        img = F.interpolate(s["image"][None].float(), size=(h, w), mode="bilinear", align_corners=False).round().clamp(0, 255)
+        img = model.preprocess.normalize(img / 255.0)
+        total = torch.zeros(1, dataset.num_classes, h, w)
+        count = torch.zeros(1, 1, h, w)
+        for r in range(max(h - crop + stride - 1, 0) // stride + 1):
+            for c in range(max(w - crop + stride - 1, 0) // stride + 1):
+                y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
+                y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+                feats = F.normalize(model.dense_features(img[:, :, y1:y2, x1:x2]), dim=-1)[0]
+                per_syn = torch.einsum("hwd,csd->cshw", feats, text)
+                logits = per_syn.max(dim=1).values[None]
+                total[:, :, y1:y2, x1:x2] += F.interpolate(logits, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)
+                count[:, :, y1:y2, x1:x2] += 1
+        out = F.interpolate(total / count, size=(h0, w0), mode="bilinear", align_corners=False)
+        metric.update(out[0].argmax(0), s["label"])
+    return metric.compute()
+
+
+def test_harness_equals_naive_per_crop_loop_and_ignores_batch_size():
+    model = ColourOracle(noise=0.7)
+    dataset = ColourDataset(n=3, size=(40, 60))  # resized to short side 32: the resampling path too
+    expected = naive_reference(model, dataset, PROTOCOL)
+    assert expected["mIoU"] < 99  # the noise makes this a real test
+    for batch_size in (1, 7, 64):
+        metrics, _ = run(model, dataset, batch_size=batch_size)
+        assert metrics["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-9)
+        assert metrics["aAcc"] == pytest.approx(expected["aAcc"], abs=1e-9)
+
+
+def test_crops_from_several_images_share_a_forward():
+    model = ColourOracle()
+    dataset = ColourDataset(n=4)
+    run(model, dataset, batch_size=64)
+    windows = sum(len(zs_seg.slide_windows(*zs_seg.rescale_size(*dataset[i]["label"].shape, 32, 2048), 24, 12))
+                  for i in range(len(dataset)))
+    assert model.forward_calls < windows / 2
+
+
+def test_text_embeddings_average_normalised_templates():
+    model = ColourOracle()
+    emb = zs_seg.class_embeddings(model, [["class1", "class2"], ["class3"]], ["{}.", "a {}."], "cpu")
+    assert emb.shape == (2, 2, 5)
+    assert torch.allclose(emb[0, 0], F.one_hot(torch.tensor(1), 5).float())
+    assert torch.allclose(emb[1, 1], emb[1, 0])  # padded with the first synonym
+    assert math.isclose(emb.norm(dim=-1).min().item(), 1.0, rel_tol=1e-6)
