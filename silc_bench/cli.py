@@ -1,4 +1,4 @@
-"""`silc-bench` command line: run | ls | pretrain."""
+"""`silc-bench` command line: run | ls | pretrain | report | export leaderboard | compare."""
 from __future__ import annotations
 
 import argparse
@@ -31,8 +31,8 @@ def _add_run(sub):
 
 def cmd_run(args) -> int:
     from silc_bench import registry
-    from silc_bench.results.record import find_records
-    from silc_bench.results.table import paper_layout_table
+    from silc_bench.results.record import atomic_write_text, find_records
+    from silc_bench.results.report import build_table, load_tables_config, render_markdown
     from silc_bench.runner import RunOptions, default_device, parse_list, run
 
     if args.limit is not None and args.limit < 1:
@@ -55,9 +55,10 @@ def cmd_run(args) -> int:
     wanted = {(m, d) for m in models for d in datasets}
     records = [r for r in find_records(Path(args.out) / args.task)
                if (r["model"].get("spec"), r["dataset"]["name"]) in wanted and r["dataset"].get("limit") == args.limit]
-    table = paper_layout_table(task, records)
-    from silc_bench.results.record import atomic_write_text
-
+    number = (task.get("paper") or {}).get("table")
+    if number is None:
+        return 0
+    table = render_markdown(build_table(number, load_tables_config()[number], records))
     atomic_write_text(Path(args.out) / args.task / "table.md", table)
     print(table)
     return 0
@@ -95,6 +96,12 @@ def main(argv=None) -> int:
     ls = sub.add_parser("ls", help="list models, tasks and datasets")
     ls.add_argument("what", nargs="?", choices=["models", "tasks", "datasets"])
     sub.add_parser("pretrain", help="reference pretraining (CLIP, SigLIP, SILC); see --help of the trainer", add_help=False)
+    from silc_bench.results import compare, leaderboard, report
+
+    report.add_arguments(sub.add_parser("report", help="paper tables (md, LaTeX, CSV) from result records"))
+    export = sub.add_parser("export", help="export results").add_subparsers(dest="export_what", required=True)
+    leaderboard.add_arguments(export.add_parser("leaderboard", help="one CSV row per (model, task, dataset, metric)"))
+    compare.add_arguments(sub.add_parser("compare", help="regression gate: fail when a metric moved beyond tolerance"))
     argv = sys.argv[1:] if argv is None else list(argv)
     args, rest = parser.parse_known_args(argv)
     try:
@@ -102,7 +109,8 @@ def main(argv=None) -> int:
             return cmd_pretrain(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return {"run": cmd_run, "ls": cmd_ls}[args.command](args)
+        commands = {"run": cmd_run, "ls": cmd_ls, "report": report.main, "export": leaderboard.main, "compare": compare.main}
+        return commands[args.command](args)
     except UserError as e:
         print(f"silc-bench: error: {e}", file=sys.stderr)
         return 2
