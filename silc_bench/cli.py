@@ -23,10 +23,25 @@ def _add_run(sub):
     p.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
     p.add_argument("--limit", type=int, help="first N images only (records are marked limited)")
     p.add_argument("--dense-mode", help="override the model's default dense path (e.g. map_value_no_mlp)")
+    p.add_argument("--protocol", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a protocol setting of the task spec (repeatable; recorded in every result)")
     p.add_argument("--force", action="store_true", help="recompute pairs whose record exists")
     p.add_argument("--no-cache", action="store_true", help="recompute cached class text embeddings")
     p.add_argument("--shard-size", type=int, default=32, help="images per resumable shard")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _parse_overrides(items: list[str], task: dict) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in task.get("protocol", {}):
+            known = ", ".join(task.get("protocol", {}))
+            raise UserError(f"cannot apply --protocol {item!r}", fix=f"write KEY=VALUE with KEY one of: {known}")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def cmd_run(args) -> int:
@@ -41,7 +56,7 @@ def cmd_run(args) -> int:
     opts = RunOptions(
         data_root=args.data_root, out_dir=args.out, checkpoint_dir=args.checkpoint_dir, tokenizer=args.tokenizer,
         device=args.device or default_device(), batch_size=args.batch_size, workers=args.workers, limit=args.limit,
-        protocol_overrides={"dense_mode": args.dense_mode}, force=args.force, progress=not args.no_progress,
+        protocol_overrides={**_parse_overrides(args.protocol, task), **({"dense_mode": args.dense_mode} if args.dense_mode else {})}, force=args.force, progress=not args.no_progress,
         cache=not args.no_cache, shard_size=args.shard_size,
     )
     models = parse_list(args.model)

@@ -20,7 +20,7 @@ from silc_bench import registry
 from silc_bench.checkpoints import load_model
 from silc_bench.errors import UserError
 from silc_bench.hashing import sha256_json
-from silc_bench.results.record import environment, now_iso, record_path, write_record
+from silc_bench.results.record import environment, now_iso, read_record, record_path, write_record
 from silc_bench.workfiles import Cache, load_tensors, save_tensors
 
 
@@ -183,7 +183,7 @@ def run(task_name: str, model_specs: list[str], dataset_names: list[str] | None,
     _distributed()
     records = []
     for model_spec in model_specs:
-        todo = [d for d in dataset_names if opts.force or not output_path(task_name, model_spec, d, opts).exists()]
+        todo = [d for d in dataset_names if opts.force or not _valid_record(output_path(task_name, model_spec, d, opts))]
         todo = _agree_on(todo)
         for d in set(dataset_names) - set(todo):
             print(f"skip {task_name} {model_spec} {d}: record exists ({output_path(task_name, model_spec, d, opts)}); "
@@ -206,6 +206,18 @@ def run(task_name: str, model_specs: list[str], dataset_names: list[str] | None,
             record["_path"], record["_work"] = str(path), work
             records.append(record)
     return records
+
+
+def _valid_record(path: Path) -> bool:
+    """A complete record exists; a damaged one is reported and recomputed, never reused."""
+    if not path.exists():
+        return False
+    try:
+        read_record(path)
+        return True
+    except UserError as e:
+        print(f"silc-bench: recomputing: {e}", file=sys.stderr)
+        return False
 
 
 def _agree_on(value):
