@@ -64,7 +64,14 @@ def open_dataset(name: str, data_root: str | Path | None = None, limit: int | No
     """The dataset `name` of configs/datasets.yaml under `data_root` (else $SILC_BENCH_DATA, else ~/data)."""
     from silc_bench import registry
 
-    return dataset_from_entry(registry.dataset_entry(name), data_root, limit)
+    entry = registry.dataset_entry(name)
+    if entry.get("generate") == "toyworld":  # procedurally generated: written on first use
+        from silc_bench.data import toyworld
+
+        root = paths.data_root(data_root) / Path(entry["root"]).parent
+        if not (root / "ADEChallengeData2016").exists():
+            toyworld.write_eval_split(root)
+    return dataset_from_entry(entry, data_root, limit)
 
 
 def dataset_from_entry(entry: dict, data_root: str | Path | None = None, limit: int | None = None) -> "SegmentationDataset":

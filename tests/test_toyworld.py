@@ -1,0 +1,224 @@
+"""Toy world: determinism, caption/label consistency, on-disk layouts, tokenizer, colour baseline."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from silc_bench.data import toyworld as tw
+from silc_bench.errors import UserError
+
+SPM_VERSION_OF_ASSET = "0.2.3"  # the sentencepiece that produced silc_bench/assets/toyworld_sp.model
+
+
+def _same(a: tw.Scene, b: tw.Scene) -> bool:
+    return (np.array_equal(a.image, b.image) and np.array_equal(a.labels, b.labels)
+            and np.array_equal(a.instance_map, b.instance_map) and a.instances == b.instances
+            and a.caption == b.caption)
+
+
+def _mentioned(caption: str) -> set[int]:
+    words = set(caption.replace(",", " ").split())
+    return {k for k, n in enumerate(tw.CLASSES) if n in words or tw.plural(n) in words}
+
+
+def _miou(pred: np.ndarray, gt: np.ndarray, k: int) -> float:
+    """mmseg IoUMetric: dataset-level I/U per class, NaN (absent everywhere) ignored."""
+    inter = np.bincount(gt[pred == gt], minlength=k)
+    union = np.bincount(pred, minlength=k) + np.bincount(gt, minlength=k) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(np.nanmean(inter / union))
+
+
+# ---------------------------------------------------------------------------- the world
+def test_class_lists():
+    assert len(tw.CLASSES) == len(set(tw.CLASSES)) == tw.NUM_CLASSES == 30
+    assert set(tw.UNSEEN_CLASSES) <= set(tw.THING_CLASSES) and len(tw.UNSEEN_CLASSES) == 6
+    assert set(tw.SEEN_CLASSES) | set(tw.UNSEEN_CLASSES) == set(tw.CLASSES)
+    # every unseen class shares its shape and its pattern with some seen class
+    seen_styles = [tw.THING_STYLE[c] for c in tw.THING_CLASSES if c not in tw.UNSEEN_CLASSES]
+    for c in tw.UNSEEN_CLASSES:
+        shape, pattern = tw.THING_STYLE[c]
+        assert any(s == shape for s, _ in seen_styles) and any(p == pattern for _, p in seen_styles)
+    assert len(set(tw.THING_STYLE.values())) == len(tw.THING_CLASSES)  # (shape, pattern) is the class
+    lines = tw.CLASSNAMES_FILE.read_text().splitlines()
+    assert [ln.split(",")[0].strip() for ln in lines] == list(tw.CLASSES)
+
+
+def test_determinism_and_streams():
+    a = [tw.render(i, 7, 64) for i in range(6)]
+    b = [tw.render(i, 7, 64) for i in reversed(range(6))][::-1]  # order must not matter
+    assert all(_same(x, y) for x, y in zip(a, b))
+    assert not _same(tw.render(3, 7, 64), tw.render(3, 8, 64))
+    assert not _same(tw.render(3, 7, 64), tw.render(4, 7, 64))
+    # evaluation scenes come from another stream than pretraining, whatever the seeds
+    assert not np.array_equal(tw.render(0, 0, 64, "validation").image, tw.render(0, 0, 64, "pretrain").image)
+    with pytest.raises(ValueError):
+        tw.render(0, 0, 64, "nonsense")
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_labels_instances_captions_agree(size):
+    nst = len(tw.STUFF_CLASSES)
+    n_objects = []
+    for i in range(150):
+        s = tw.render(i, 1, size)
+        assert s.image.shape == (size, size, 3) and s.image.dtype == np.uint8
+        assert s.labels.shape == (size, size) and s.labels.max() < tw.NUM_CLASSES
+        on_stuff = s.instance_map < 0
+        assert (s.labels[on_stuff] < nst).all() and (s.labels[~on_stuff] >= nst).all()
+        assert 1 <= len(s.instances)
+        n_objects.append(len(s.instances))
+        for j, inst in enumerate(s.instances):
+            mask = s.instance_map == j
+            assert mask.sum() == inst.area >= 20
+            assert (s.labels[mask] == inst.class_id).all()
+            ys, xs = np.nonzero(mask)
+            assert inst.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        present = set(s.classes)
+        assert {inst.class_id for inst in s.instances} == {k for k in present if k >= nst}
+        assert _mentioned(s.caption) == present, (s.caption, [tw.CLASSES[k] for k in present])
+    if size == 64:
+        assert max(n_objects) == 4
+
+
+def test_render_is_fast():
+    for i in range(5):
+        tw.render(i, 0, 64)
+    t = time.perf_counter()
+    for i in range(100):
+        tw.render(i, 0, 64)
+    ms = (time.perf_counter() - t) * 10
+    assert ms < 10, f"{ms:.2f} ms per 64x64 scene (measured ~1.6 ms unloaded)"
+
+
+def test_pretrain_dataset():
+    import torch
+
+    ds = tw.PretrainDataset(seed=5, length=10)
+    assert len(ds) == 10
+    item = ds[3]
+    assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, 64, 64)
+    scene = tw.render(3, 5, 64)
+    assert np.array_equal(item["image"].permute(1, 2, 0).numpy(), scene.image) and item["caption"] == scene.caption
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch["image"].shape == (4, 3, 64, 64) and len(batch["caption"]) == 4
+    with pytest.raises(IndexError):
+        ds[10]
+
+
+# ---------------------------------------------------------------------------- on disk
+def test_ade_layout_round_trip(tmp_path):
+    root = tmp_path / "toyworld"
+    base = tw.write_eval_split(root, num_images=5, size=96, seed=3)
+    assert base == root / "ADEChallengeData2016"
+    jpgs = sorted((base / "images" / "validation").glob("*.jpg"))
+    pngs = sorted((base / "annotations" / "validation").glob("*.png"))
+    assert len(jpgs) == len(pngs) == 5 and [p.stem for p in jpgs] == [p.stem for p in pngs]
+    for i, (jp, pp) in enumerate(zip(jpgs, pngs)):
+        scene = tw.render(i, 3, 96, "validation")
+        lab = np.array(Image.open(pp))
+        assert lab.dtype == np.uint8 and np.array_equal(lab, scene.labels + 1)  # ADE: class k stored as k + 1
+        img = np.array(Image.open(jp))
+        assert img.shape == (96, 96, 3) and np.abs(img.astype(int) - scene.image).mean() < 4  # JPEG q95 4:4:4
+    # idempotent: same parameters -> nothing rewritten; other parameters -> refused unless overwrite
+    mtimes = [os.stat(p).st_mtime_ns for p in jpgs]
+    tw.write_eval_split(root, num_images=5, size=96, seed=3)
+    assert mtimes == [os.stat(p).st_mtime_ns for p in jpgs]
+    with pytest.raises(UserError):
+        tw.write_eval_split(root, num_images=3, size=96, seed=3)
+    tw.write_eval_split(root, num_images=3, size=96, seed=3, overwrite=True)
+    assert len(list((base / "images" / "validation").glob("*.jpg"))) == 3
+    assert len(list((base / "annotations" / "validation").glob("*.png"))) == 3
+    assert json.loads((base / "toyworld_validation.json").read_text())["num_images"] == 3
+
+
+def test_ade_split_through_the_segmentation_reader(tmp_path):
+    seg = pytest.importorskip("silc_bench.data.segmentation")
+    tw.write_eval_split(tmp_path / "toyworld", num_images=3, size=96, seed=0)
+    entry = dict(tw.TOYWORLD_DATASET_ENTRY, name="toyworld", num_images=3)
+    ds = seg.dataset_from_entry(entry, data_root=tmp_path)
+    assert len(ds) == 3 and [c[0] for c in ds.classnames] == list(tw.CLASSES)
+    for i in range(3):
+        assert np.array_equal(ds[i]["label"].numpy(), tw.render(i, 0, 96, "validation").labels)
+
+
+def _rle_decode(rle: dict) -> np.ndarray:
+    h, w = rle["size"]
+    flat = np.zeros(h * w, bool)
+    pos = 0
+    for j, n in enumerate(rle["counts"]):
+        flat[pos:pos + n] = j % 2 == 1
+        pos += n
+    assert pos == h * w
+    return flat.reshape(w, h).T
+
+
+def test_detection_split(tmp_path):
+    path = tw.write_detection_split(tmp_path / "coco", "val", num_images=4, size=96, seed=0)
+    coco = json.loads(path.read_text())
+    assert [c["name"] for c in coco["categories"]] == list(tw.THING_CLASSES)
+    assert len(coco["images"]) == 4
+    nst = len(tw.STUFF_CLASSES)
+    for img in coco["images"]:
+        assert (path.parent.parent / "images" / "val" / img["file_name"]).is_file()
+        scene = tw.render(img["id"] - 1, 0, 96, "validation")  # the very scenes of the ADE split
+        anns = [a for a in coco["annotations"] if a["image_id"] == img["id"]]
+        assert len(anns) == len(scene.instances)
+        for a, inst in zip(anns, scene.instances):
+            x1, y1, x2, y2 = inst.box
+            assert a["bbox"] == [x1, y1, x2 - x1, y2 - y1] and a["category_id"] == inst.class_id - nst + 1
+            mask = _rle_decode(a["segmentation"])
+            assert mask.sum() == a["area"] == inst.area and (mask == (scene.instance_map == anns.index(a))).all()
+    assert tw.write_detection_split(tmp_path / "coco", "val", num_images=4, size=96, seed=0) == path
+
+
+# ---------------------------------------------------------------------------- tokenizer
+def test_committed_tokenizer_encodes_every_class():
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tw.TOKENIZER_FILE))
+    assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, -1)
+    assert sp.vocab_size() == tw.TOKENIZER_VOCAB_SIZE
+    for name in tw.CLASSES:
+        ids = sp.encode(name)
+        assert len(ids) == 1 and sp.unk_id() not in ids and sp.decode(ids) == name, name
+    caption = tw.render(0, 0, 64).caption
+    assert sp.unk_id() not in sp.encode(caption) and sp.decode(sp.encode(caption)) == caption
+
+
+def test_tokenizer_training_is_reproducible(tmp_path):
+    import sentencepiece as spm
+
+    out = tw.train_toy_tokenizer(tmp_path / "a" / "toyworld_sp")
+    if spm.__version__ != SPM_VERSION_OF_ASSET:
+        again = tw.train_toy_tokenizer(tmp_path / "b" / "other_name")
+        assert out.read_bytes() == again.read_bytes()
+        pytest.skip(f"sentencepiece {spm.__version__} != {SPM_VERSION_OF_ASSET}: checked run-to-run only")
+    assert out.read_bytes() == tw.TOKENIZER_FILE.read_bytes()
+
+
+# ---------------------------------------------------------------------------- difficulty
+def test_colour_alone_does_not_segment():
+    """Per-pixel colour classifiers fitted on a training split stay near chance on validation."""
+    k = tw.NUM_CLASSES
+    train = [tw.render(i, 0, 64, "train") for i in range(120)]
+    val = [tw.render(i, 0, 96, "validation") for i in range(40)]
+    x = np.concatenate([s.image.reshape(-1, 3) for s in train]).astype(np.float32)
+    y = np.concatenate([s.labels.ravel() for s in train]).astype(np.int64)
+    xv = np.concatenate([s.image.reshape(-1, 3) for s in val]).astype(np.float32)
+    yv = np.concatenate([s.labels.ravel() for s in val]).astype(np.int64)
+    proto = np.stack([x[y == c].mean(0) for c in range(k)])
+    d = (xv ** 2).sum(1, keepdims=True) - 2 * xv @ proto.T + (proto ** 2).sum(1)
+    proto_miou = _miou(d.argmin(1), yv, k)
+    # the best colour-only rule: majority class per 16^3 colour bin
+    q = lambda im: ((im.astype(np.int64) // 16) * np.array([256, 16, 1])).sum(1)
+    hist = np.zeros((16 ** 3, k))
+    np.add.at(hist, (q(x), y), 1)
+    hist_miou = _miou(hist.argmax(1)[q(xv)], yv, k)
+    print(f"colour prototype mIoU {proto_miou:.4f}, colour histogram mIoU {hist_miou:.4f}")
+    assert proto_miou < 0.08 and hist_miou < 0.08
