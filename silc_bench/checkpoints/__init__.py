@@ -23,6 +23,13 @@ def parse_tokenizer_flag(flag: str | None) -> dict | None:
 
 
 def _resolve_file(entry: dict, checkpoint_dir) -> Path:
+    """`bundled:` files ship with the project (toy checkpoints); others live in the checkpoint dir."""
+    if "bundled" in entry:
+        path = paths.PROJECT_DIR / entry["bundled"]
+        if not path.exists():
+            raise UserError(f"bundled checkpoint for model {entry['name']!r} is missing", path=path,
+                            fix=f"restore it from git, or re-create it: {entry.get('release', '')}")
+        return path
     base = paths.checkpoint_dir(checkpoint_dir)
     path = Path(entry["file"])
     path = path if path.is_absolute() else base / path
@@ -65,6 +72,8 @@ def load_model(spec: str, *, checkpoint_dir=None, tokenizer: str | dict | None =
         from silc_bench.checkpoints.open_clip import load_open_clip
 
         arch, _, weights = spec[len("open_clip:"):].partition(":")
+        if arch in ("local-dir", "hf-hub"):  # open_clip's own schemes: the whole rest is the arch
+            arch, weights = f"{arch}:{weights}", ""
         model = load_open_clip(arch, weights or None, device=device)
     elif spec.startswith("hf:"):
         from silc_bench.checkpoints.hf import load_hf
