@@ -1,4 +1,4 @@
-"""`silc-bench` command line: run | ls | pretrain | report | export leaderboard | compare."""
+"""`silc-bench` command line: run | ls | pretrain | train cat-seg | report | export leaderboard | compare."""
 from __future__ import annotations
 
 import argparse
@@ -111,6 +111,8 @@ def main(argv=None) -> int:
     ls = sub.add_parser("ls", help="list models, tasks and datasets")
     ls.add_argument("what", nargs="?", choices=["models", "tasks", "datasets"])
     sub.add_parser("pretrain", help="reference pretraining (CLIP, SigLIP, SILC); see --help of the trainer", add_help=False)
+    train = sub.add_parser("train", add_help=False, help="train a task head on a backbone: `silc-bench train cat-seg --model SPEC ...`")
+    train.add_argument("what", choices=["cat-seg"])
     from silc_bench.results import compare, leaderboard, report
 
     report.add_arguments(sub.add_parser("report", help="paper tables (md, LaTeX, CSV) from result records"))
@@ -122,6 +124,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "pretrain":
             return cmd_pretrain(args, rest)
+        if args.command == "train":
+            from silc_bench.catseg.train import main as train_catseg
+
+            return train_catseg(rest) or 0
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         commands = {"run": cmd_run, "ls": cmd_ls, "report": report.main, "export": leaderboard.main, "compare": compare.main}

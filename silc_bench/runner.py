@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from silc_bench import registry
-from silc_bench.checkpoints import load_model
+from silc_bench.checkpoints import load_catseg_model, load_model
 from silc_bench.errors import UserError
 from silc_bench.hashing import sha256_json
 from silc_bench.results.record import environment, now_iso, read_record, record_path, write_record
@@ -56,6 +56,27 @@ def protocol_for(task: dict, dataset, overrides: dict | None) -> dict:
 def output_path(task_name: str, model_spec: str, dataset_name: str, opts: RunOptions) -> Path:
     name = dataset_name if opts.limit is None else f"{dataset_name}@limit{opts.limit}"
     return record_path(opts.out_dir, task_name, model_spec, name)
+
+
+MODEL_LOADERS = {"vlm": load_model, "catseg": load_catseg_model}
+
+
+def load_for_task(task: dict, spec: str, opts: RunOptions):
+    """The task spec says what `--model` names: a VLM (default) or, e.g., a trained CAT-Seg."""
+    kind = task.get("model_loader", "vlm")
+    if kind not in MODEL_LOADERS:
+        raise UserError(f"task {task['name']!r} asks for unknown model_loader {kind!r}", path=task.get("_path"),
+                        fix=f"use one of: {', '.join(MODEL_LOADERS)}")
+    extra = {"tokenizer": opts.tokenizer} if kind == "vlm" else {}
+    return MODEL_LOADERS[kind](spec, checkpoint_dir=opts.checkpoint_dir, device=opts.device, **extra)
+
+
+def describe_model(model) -> dict:
+    """The model's own description plus how it was named and loaded (its provenance)."""
+    info = dict(model.describe())
+    for key, value in (getattr(model, "provenance", None) or {}).items():
+        info.setdefault(key, value)
+    return info
 
 
 def describe_dataset(dataset, name: str, limit: int | None) -> dict:
@@ -118,7 +139,7 @@ def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: Ru
     cache = Cache(Path(opts.out_dir) / "cache") if opts.cache else None
     prepared = harness.setup(model, dataset, protocol, opts.device, cache=cache)
     description = describe_dataset(dataset, dataset_name, opts.limit)
-    model_info = model.describe()
+    model_info = describe_model(model)
     work_key = sha256_json({"task": task["version"], "model": model_info, "dataset": description, "protocol": protocol,
                             "details": prepared.details})
     work_dir = output_path(task["name"], model_spec, dataset_name, opts).parent / "shards" / f"{dataset_name}-{work_key[:16]}"
@@ -190,7 +211,7 @@ def run(task_name: str, model_specs: list[str], dataset_names: list[str] | None,
                   "--force to recompute", file=sys.stderr)
         if not todo:
             continue
-        model = load_model(model_spec, checkpoint_dir=opts.checkpoint_dir, tokenizer=opts.tokenizer, device=opts.device)
+        model = load_for_task(task, model_spec, opts)
         for dataset_name in todo:
             path = output_path(task_name, model_spec, dataset_name, opts)
             if opts.force:

@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from silc_bench import paths
+from silc_bench import paths, registry
 from silc_bench.data import fixtures
 from silc_bench.data.fixtures import write_segmentation_fixture
 from silc_bench.data.prompts import TEMPLATE_SETS, get_templates, prompt_set_hash
@@ -366,3 +366,114 @@ def test_prompt_set_hash():
     assert prompt_set_hash(t) == prompt_set_hash(list(t))
     assert prompt_set_hash(t) != prompt_set_hash(t[::-1])
     assert prompt_set_hash(["a {}."]) != prompt_set_hash(["a {} ."])
+
+
+# ---------------------------------------------------------------------- CAT-Seg layouts (ov-seg)
+# Written from CAT-Seg's datasets/prepare_*.py (6d3a188) independently of configs/datasets.yaml:
+# (dataset folder, image path -> label path, stored value -> training id, full split size)
+CATSEG_LAYOUT = {
+    "ade847": ("ADE20K_2021_17_01", lambda p: p.replace("/images_detectron2/validation/", "/annotations_detectron2/validation/")
+               .replace(".jpg", ".tif"), "identity", 2000),
+    "pc459": ("VOCdevkit/VOC2010", lambda p: p.replace("/JPEGImages/", "/annotations_detectron2/pc459_val/")
+              .replace(".jpg", ".tif"), "identity", 5104),
+    "pc59_catseg": ("VOCdevkit/VOC2010", lambda p: p.replace("/JPEGImages/", "/annotations_detectron2/pc59_val/")
+                    .replace(".jpg", ".png"), "identity", 5105),
+    "pc59_catseg_mmseg": (*LAYOUT["pc59"], 5105),
+    "voc20_catseg": (*LAYOUT["voc20"], 1449),
+    "voc21": ("VOCdevkit/VOC2012", LAYOUT["voc20"][1], "identity", 1449),
+    "cocostuff171_train": ("coco-stuff", lambda p: p.replace("/images/train2017/", "/annotations_detectron2/train2017/")
+                           .replace(".jpg", ".png"), "identity", 118287),
+    "cocostuff171_train_mmseg": ("coco_stuff164k", lambda p: p.replace("/images/train2017/", "/annotations/train2017/")
+                                 .replace(".jpg", "_labelTrainIds.png"), "identity", 118287),
+}
+CATSEG_IGNORE = {"ade847": 65535, "pc459": 65535}
+CATSEG_NAMES = {  # ours -> CAT-Seg json (exact spellings, synonyms kept)
+    "ade847.txt": "ade847.json", "pc459.txt": "pc459.json", "pc59_catseg.txt": "pc59.json", "voc20_catseg.txt": "voc20.json",
+    "voc20b_catseg.txt": "voc20b.json", "cocostuff171_catseg.txt": "coco.json", "ade150.txt": "ade150.json",
+}
+
+
+@pytest.fixture(scope="module")
+def catseg_roots(tmp_path_factory):
+    roots = {}
+    for name in CATSEG_LAYOUT:  # one root each: several share VOC2010 / VOC2012
+        roots[name] = tmp_path_factory.mktemp(name)
+        write_segmentation_fixture(name, roots[name], num_images=N, size=SIZE, seed=11)
+    return roots
+
+
+@pytest.mark.parametrize("name", list(CATSEG_LAYOUT))
+def test_catseg_layout_reads_back(name, catseg_roots):
+    folder, to_label, mapping, full = CATSEG_LAYOUT[name]
+    ignore = CATSEG_IGNORE.get(name, 255)
+    ds = _open(name, catseg_roots[name])
+    assert len(ds) == N and ds.ignore_index == ignore and ds.spec["num_images"] == full
+    truth = fixtures.draw_samples(name, N, SIZE, seed=11)
+    for i, s in enumerate(ds.samples):
+        assert str(s.label) == to_label(str(s.image)) and s.image.is_relative_to(catseg_roots[name] / folder)
+        raw = np.asarray(Image.open(s.label))
+        if s.label.suffix == ".tif":
+            assert raw.dtype == np.uint16 and Image.open(s.label).mode == "I;16"
+        label = ds[i]["label"].numpy()
+        assert np.array_equal(label, expected_label(raw, mapping) if ignore == 255 else raw.astype(np.int64))
+        want = truth[i][1].astype(np.int64)
+        keep = raw != 255 if name.startswith("voc") else np.ones(SIZE, bool)  # VOC object outlines
+        assert np.array_equal(label[keep], want[keep])
+        assert ((label < ds.num_classes) | (label == ignore)).all() and (label == ignore).any()
+
+
+def test_catseg_yaml_entries_and_classnames():
+    entries = yaml.safe_load((paths.CONFIGS_DIR / "datasets.yaml").read_text())
+    for name, (folder, _, mapping, full) in CATSEG_LAYOUT.items():
+        e = entries[name]
+        assert e["root"] == folder and e["num_images"] == full and e["prepare"] and e["classes_source"]
+        assert e["ignore_index"] == CATSEG_IGNORE.get(name, 255)
+        assert e["num_classes"] == fixtures.NUM_CLASSES[name] == len(load_classnames(CLASSNAMES_DIR / e["classnames"]))
+    assert entries["pc459"]["ignore_values"] == [459] and entries["pc459"]["keys_from"] == "labels"
+    assert entries["voc21"]["query_to_label"] == list(range(1, 21)) + [0] * 39
+    voc20b = load_classnames(CLASSNAMES_DIR / entries["voc21"]["query_classnames"])
+    voc21 = load_classnames(CLASSNAMES_DIR / entries["voc21"]["classnames"])
+    assert voc20b[:20] == voc21[1:] == load_classnames(CLASSNAMES_DIR / "voc20_catseg.txt") and voc21[0] == ["background"]
+    for zs in DATASETS:  # the zs-seg entries are unchanged
+        assert "keys_from" not in entries[zs] and "query_classnames" not in entries[zs]
+
+
+@pytest.mark.skipif(not REF.is_dir(), reason="reference class lists (/work/shared/reference/classnames) not present")
+@pytest.mark.parametrize("ours,ref", list(CATSEG_NAMES.items()))
+def test_catseg_classnames_equal_catseg_json(ours, ref):
+    text = (CLASSNAMES_DIR / ours).read_text(encoding="utf-8")
+    assert text.endswith("\n") and not text.endswith("\n\n")
+    catseg = [[s.strip() for s in c.split(",")] for c in json.loads((REF / "catseg" / ref).read_text())]
+    assert load_classnames(CLASSNAMES_DIR / ours) == catseg  # same count, order, spellings and synonyms
+
+
+def test_catseg_layout_bad_input(tmp_path):
+    with pytest.raises(UserError) as e:
+        open_dataset("ade847", tmp_path)
+    assert str(tmp_path / "ADE20K_2021_17_01") in str(e.value) and "prepare_ade20k_full.py" in str(e.value)
+    write_segmentation_fixture("pc459", tmp_path, num_images=3, size=SIZE, seed=2)
+    ds = _open("pc459", tmp_path)
+    # CAT-Seg's registered ignore label 459 is ignored like the unlabelled 65535
+    raw = np.asarray(Image.open(ds.samples[0].label)).copy()
+    raw[0, :3] = 459
+    Image.fromarray(raw).save(ds.samples[0].label)
+    assert (ds[0]["label"][0, :3] == 65535).all()
+    # a value past the classes (and not an ignore value) names the file
+    raw[1, :2] = 460
+    Image.fromarray(raw).save(ds.samples[0].label)
+    with pytest.raises(UserError) as e:
+        ds[0]
+    assert str(ds.samples[0].label) in str(e.value) and re.search(r"\b460\b", str(e.value))
+    # a truncated uint16 TIFF
+    data = ds.samples[1].label.read_bytes()
+    ds.samples[1].label.write_bytes(data[: len(data) // 3])
+    with pytest.raises(UserError, match=re.escape(str(ds.samples[1].label))):
+        ds[1]
+    # keys_from labels: a label whose image is missing names both
+    ds.samples[2].image.unlink()
+    with pytest.raises(UserError) as e:
+        open_dataset("pc459", tmp_path)
+    assert str(ds.samples[2].label) in str(e.value) and str(ds.samples[2].image) in str(e.value)
+    entry = dict(registry.dataset_entry("pc459"), keys_from="images")
+    with pytest.raises(UserError, match="keys_from"):
+        dataset_from_entry(entry, tmp_path)

@@ -41,6 +41,17 @@ def _mha_value(mha: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
     return mha.out_proj(F.linear(x, w, b))
 
 
+def _layer_out(out) -> torch.Tensor:
+    """Encoder layers return a tensor in transformers 5.x and a tuple in 4.x."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _maskclip_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A CLIP encoder layer with each token attending only to itself (MaskCLIP)."""
+    x = x + layer.self_attn.out_proj(layer.self_attn.v_proj(layer.layer_norm1(x)))
+    return x + layer.mlp(layer.layer_norm2(x))
+
+
 def _features(out) -> torch.Tensor:
     """get_*_features returns a tensor in transformers 4.x and an output object in 5.x."""
     if isinstance(out, torch.Tensor):
@@ -157,6 +168,11 @@ class HFModel(VisionLanguageModel):
     def _siglip_dense(self, pixels: torch.Tensor, mode: str) -> torch.Tensor:
         vm = self.model.vision_model
         x = vm(pixel_values=pixels, interpolate_pos_encoding=self._interp(pixels)).last_hidden_state  # post-LN
+        return self._siglip_head(x, mode)
+
+    def _siglip_head(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """Post-LN tokens -> dense embeddings of `mode` (see the module docstring)."""
+        vm = self.model.vision_model
         if mode == "tokens":
             return x
         head = getattr(vm, "head", None)
@@ -175,10 +191,62 @@ class HFModel(VisionLanguageModel):
             layers = vm.encoder.layers
             for layer in layers[:-1]:
                 x = layer(x, None)
-            last = layers[-1]
-            x = x + last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(x)))
-            x = x + last.mlp(last.layer_norm2(x))
+            x = _maskclip_layer(layers[-1], x)
         return self.model.visual_projection(vm.post_layernorm(x[:, 1:]))
+
+    def dense_features_with_intermediates(self, pixels: torch.Tensor, mode: str | None = None, blocks=()):
+        """Runs the encoder layers one by one (the same modules `dense_features` runs) to keep the
+        hidden states after `blocks`; CLIP's class token is dropped from them."""
+        from silc_bench.models.base import resolve_blocks
+
+        mode = self.check_dense_mode(mode)
+        pixels = pixels.to(self._dtype())
+        gh, gw = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
+        vm = self.model.vision_model
+        layers = vm.encoder.layers
+        inter = dict.fromkeys(resolve_blocks(blocks, len(layers)))
+        x = vm.embeddings(pixels, interpolate_pos_encoding=self._interp(pixels))
+        clip = self.model_type == "clip"
+        if clip:
+            x = vm.pre_layrnorm(x)
+        maskclip = mode == "maskclip"
+        for i, layer in enumerate(layers[:-1] if maskclip else layers):
+            x = _layer_out(layer(x, None))
+            if i in inter:
+                inter[i] = x
+        if maskclip:
+            if len(layers) - 1 in inter:
+                inter[len(layers) - 1] = _layer_out(layers[-1](x, None))
+            x = _maskclip_layer(layers[-1], x)
+        if clip:
+            out = self.model.visual_projection(vm.post_layernorm(x[:, 1:]))
+        else:
+            out = self._siglip_head(vm.post_layernorm(x), mode)
+        prefix = 1 if clip else 0
+        inter = {i: t[:, prefix:].reshape(t.shape[0], gh, gw, -1) for i, t in inter.items()}
+        return out.reshape(out.shape[0], gh, gw, out.shape[-1]), inter
+
+    def _tower(self, tower: str):
+        return self.model.vision_model if tower == "image" else self.model.text_model
+
+    def qv_parameters(self, towers=("image", "text"), scope: str = "qv") -> list[tuple[str, nn.Parameter]]:
+        """`self_attn.q_proj` / `v_proj` weights and biases of every encoder layer. scope
+        "attention+pos": all of `self_attn` plus `embeddings.position_embedding`. SigLIP's MAP
+        head attention is pooling, not a block, and is never included."""
+        from silc_bench.models.base import check_finetune_args
+
+        towers = check_finetune_args(towers, scope)
+        chosen: list[nn.Parameter] = []
+        for tower in towers:
+            tm = self._tower(tower)
+            if scope != "qv":
+                chosen += list(tm.embeddings.position_embedding.parameters())
+            for layer in tm.encoder.layers:
+                attn = layer.self_attn
+                mods = (attn.q_proj, attn.v_proj) if scope == "qv" else (attn,)
+                chosen += [p for m in mods for p in m.parameters()]
+        names = {id(p): n for n, p in self.named_parameters()}
+        return [(names[id(p)], p) for p in chosen]
 
 
 def load_hf(directory: str | Path, device: str | torch.device = "cpu") -> HFModel:

@@ -215,7 +215,8 @@ class OpenClipModel(VisionLanguageModel):
         raise ValueError(self._unsupported_message())
 
     # ---- open_clip VisionTransformer --------------------------------------------------------
-    def _vit_tokens(self, pixels: torch.Tensor, maskclip: bool) -> torch.Tensor:
+    def _vit_tokens(self, pixels: torch.Tensor, maskclip: bool, inter: dict | None = None) -> torch.Tensor:
+        """`inter`: {block index: None} to fill with the (batch-first, all-token) output of those blocks."""
         v = self.model.visual
         x = v.conv1(pixels)  # [B, D, gh, gw]
         grid = (x.shape[-2], x.shape[-1])
@@ -230,24 +231,30 @@ class OpenClipModel(VisionLanguageModel):
         batch_first = getattr(v.transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)
-        for blk in run:
+        inter = {} if inter is None else inter
+        for i, blk in enumerate(run):
             x = blk(x)
+            if i in inter:
+                inter[i] = x if batch_first else x.transpose(0, 1)
+        if maskclip and len(blocks) - 1 in inter:  # the plain last block, beside the MaskCLIP one
+            y = blocks[-1](x)
+            inter[len(blocks) - 1] = y if batch_first else y.transpose(0, 1)
         if not batch_first:
             x = x.transpose(0, 1)
         if maskclip:
             x = _maskclip_block(blocks[-1], x)
         return x
 
-    def _vit_dense(self, pixels: torch.Tensor, mode: str) -> torch.Tensor:
+    def _vit_dense(self, pixels: torch.Tensor, mode: str, inter: dict | None = None) -> torch.Tensor:
         v = self.model.visual
         if v.attn_pool is not None:
             raise ValueError("open_clip towers with an attentional pooler (CoCa) have no dense path here")
-        x = self._vit_tokens(pixels, maskclip=(mode == "maskclip"))[:, 1:]
+        x = self._vit_tokens(pixels, maskclip=(mode == "maskclip"), inter=inter)[:, 1:]
         x = v.ln_post(x)
         return x @ v.proj if v.proj is not None else x
 
     # ---- timm VisionTransformer trunk (open_clip SigLIP) ------------------------------------
-    def _timm_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _timm_tokens(self, pixels: torch.Tensor, inter: dict | None = None) -> torch.Tensor:
         t = self.model.visual.trunk
         x = t.patch_embed.proj(pixels)
         grid = (x.shape[-2], x.shape[-1])
@@ -260,13 +267,19 @@ class OpenClipModel(VisionLanguageModel):
         else:
             x = torch.cat(prefix + [x], dim=1) + pos
         x = t.norm_pre(t.pos_drop(x))
-        x = t.blocks(x)
+        if not inter:
+            x = t.blocks(x)
+        else:
+            for i, blk in enumerate(t.blocks):
+                x = blk(x)
+                if i in inter:
+                    inter[i] = x
         return t.norm(x)
 
-    def _timm_dense(self, pixels: torch.Tensor, mode: str) -> torch.Tensor:
+    def _timm_dense(self, pixels: torch.Tensor, mode: str, inter: dict | None = None) -> torch.Tensor:
         v = self.model.visual
         t = v.trunk
-        x = self._timm_tokens(pixels)[:, t.num_prefix_tokens:]
+        x = self._timm_tokens(pixels, inter)[:, t.num_prefix_tokens:]
         if mode in ("map_value", "map_value_no_mlp"):
             pool = t.attn_pool
             if getattr(pool, "pos_embed", None) is not None:
@@ -291,6 +304,111 @@ class OpenClipModel(VisionLanguageModel):
         gh, gw = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
         out = self._vit_dense(pixels, mode) if self.tower == "vit" else self._timm_dense(pixels, mode)
         return out.reshape(out.shape[0], gh, gw, out.shape[-1])
+
+    def _blocks(self, tower: str) -> list[nn.Module]:
+        """The transformer blocks of a tower (image: ViT resblocks / timm blocks; text: resblocks)."""
+        if tower == "image":
+            if self.tower == "vit":
+                return list(self.model.visual.transformer.resblocks)
+            if self.tower in ("timm_map", "timm_vit"):
+                return list(self.model.visual.trunk.blocks)
+            raise ValueError(self._unsupported_message())
+        text = getattr(self.model, "text", self.model)  # CustomTextCLIP keeps its text tower in .text
+        transformer = getattr(text, "transformer", None)
+        if transformer is None or not hasattr(transformer, "resblocks"):
+            raise NotImplementedError(f"the text tower of {self.arch!r} ({type(text).__name__}) has no open_clip "
+                                      f"transformer blocks to fine-tune")
+        return list(transformer.resblocks)
+
+    def dense_features_with_intermediates(self, pixels: torch.Tensor, mode: str | None = None, blocks=()):
+        from silc_bench.models.base import resolve_blocks
+
+        if self.tower == "unsupported":
+            raise ValueError(self._unsupported_message())
+        mode = self.check_dense_mode(mode)
+        pixels = pixels.to(self._dtype())
+        gh, gw = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
+        inter = dict.fromkeys(resolve_blocks(blocks, len(self._blocks("image"))))
+        if self.tower == "vit":
+            out, prefix = self._vit_dense(pixels, mode, inter), 1
+        else:
+            out, prefix = self._timm_dense(pixels, mode, inter), self.model.visual.trunk.num_prefix_tokens
+        inter = {i: x[:, prefix:].reshape(x.shape[0], gh, gw, -1) for i, x in inter.items()}
+        return out.reshape(out.shape[0], gh, gw, out.shape[-1]), inter
+
+    def qv_parameters(self, towers=("image", "text"), scope: str = "qv") -> list[tuple[str, nn.Parameter]]:
+        """open_clip fuses q/k/v into one tensor (nn.MultiheadAttention / open_clip Attention:
+        `in_proj_weight` [3D, D] + `in_proj_bias`; timm: `qkv.weight` / `qkv.bias`). For scope "qv"
+        each fused tensor is reparametrised on first call (torch.nn.utils.parametrize, outputs
+        unchanged) as cat(original0, original1, original2) = (q, k, v), so q and v are parameters
+        of their own: `...attn.parametrizations.in_proj_weight.original0` is q, `original2` is v
+        (timm: `...attn.qkv.parametrizations.weight.original0/2`). A gradient mask would not do:
+        AdamW's decoupled weight decay would still move the frozen k rows.
+        scope "attention+pos": every parameter of the blocks' attention + the position tables."""
+        from silc_bench.models.base import check_finetune_args
+
+        towers = check_finetune_args(towers, scope)
+        chosen: list[nn.Parameter] = []
+        for tower in towers:
+            if scope != "qv":
+                chosen += self._position_tables(tower)
+            for blk in self._blocks(tower):
+                attn = blk.attn
+                if scope != "qv":
+                    chosen += list(attn.parameters())
+                    continue
+                if hasattr(attn, "qkv"):  # timm Attention
+                    fused = [(attn.qkv, "weight"), (attn.qkv, "bias")]
+                elif getattr(attn, "in_proj_weight", None) is not None:
+                    fused = [(attn, "in_proj_weight"), (attn, "in_proj_bias")]
+                else:
+                    raise NotImplementedError(f"attention {type(attn).__name__} of {self.arch!r} has no fused "
+                                              f"in_proj_weight / qkv to split")
+                for module, attr in fused:
+                    originals = _split_qkv(module, attr)
+                    if originals is not None:
+                        chosen += [originals[0], originals[2]]
+        names = {id(p): n for n, p in self.named_parameters()}  # after splitting: the new names
+        return [(names[id(p)], p) for p in chosen]
+
+    def _position_tables(self, tower: str) -> list[nn.Parameter]:
+        if tower == "image":
+            v = self.model.visual
+            p = v.positional_embedding if self.tower == "vit" else getattr(getattr(v, "trunk", None), "pos_embed", None)
+        else:
+            p = getattr(getattr(self.model, "text", self.model), "positional_embedding", None)
+        return [p] if isinstance(p, nn.Parameter) else []
+
+
+class _SplitQKV(nn.Module):
+    """Parametrisation: a fused [3D, ...] q/k/v tensor held as three tensors (q, k, v)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([q, k, v], dim=0)
+
+    def right_inverse(self, fused: torch.Tensor):
+        return tuple(t.clone() for t in fused.chunk(3, dim=0))
+
+
+def _is_split(module: nn.Module, attr: str) -> bool:
+    from torch.nn.utils import parametrize
+    return parametrize.is_parametrized(module, attr)
+
+
+def _split_qkv(module: nn.Module, attr: str):
+    """(q, k, v) parameters of `module.attr` (splitting it on first call); None if it is None (no bias)."""
+    from torch.nn.utils import parametrize
+
+    if not _is_split(module, attr):
+        if getattr(module, attr, None) is None:
+            return None
+        requires_grad = getattr(module, attr).requires_grad
+        parametrize.register_parametrization(module, attr, _SplitQKV())
+        for p in module.parametrizations[attr].parameters():
+            p.requires_grad_(requires_grad)
+    originals = module.parametrizations[attr]
+    return originals.original0, originals.original1, originals.original2
+
 
 
 def _maskclip_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from silc_bench.errors import UserError
 
 CLASSNAMES_DIR = Path(__file__).resolve().parent / "classnames"
 LAYOUTS = ("glob", "split_file")
+KEYS_FROM = ("both", "labels")
 _REQUIRED = ("layout", "root", "images", "labels", "num_classes")
 
 
@@ -60,6 +61,13 @@ def load_classnames(path: str | Path, num_classes: int | None = None) -> list[li
     return classes
 
 
+def split_pattern(pattern: str) -> tuple[Path, str]:
+    """`images/validation/*.jpg` -> (Path("images/validation"), "*.jpg"): the fixed folder and the glob below it."""
+    parts = Path(pattern).parts
+    n_fixed = next((i for i, p in enumerate(parts) if _glob.has_magic(p)), len(parts))
+    return Path(*parts[:n_fixed]), "/".join(parts[n_fixed:])
+
+
 def open_dataset(name: str, data_root: str | Path | None = None, limit: int | None = None) -> "SegmentationDataset":
     """The dataset `name` of configs/datasets.yaml under `data_root` (else $SILC_BENCH_DATA, else ~/data)."""
     from silc_bench import registry
@@ -84,7 +92,7 @@ def dataset_from_entry(entry: dict, data_root: str | Path | None = None, limit: 
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """Items: {"image": uint8 [3,H,W] RGB, "label": int64 [H,W] (ignore 255), "name": str, "index": int}."""
+    """Items: {"image": uint8 [3,H,W] RGB, "label": int64 [H,W] (`ignore_index`, default 255), "name": str, "index": int}."""
 
     def __init__(self, entry: dict, data_root: str | Path | None = None, limit: int | None = None):
         self.spec = dict(entry)
@@ -107,9 +115,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if self.spec["layout"] == "split_file" and not self.spec.get("split"):
             raise UserError(f"dataset {self.name!r} has layout split_file but no `split` file",
                             path=paths.CONFIGS_DIR / "datasets.yaml", fix="give `split: <path under root>`")
+        if self.spec.get("keys_from", "both") not in KEYS_FROM:
+            raise UserError(f"dataset {self.name!r} has unknown keys_from {self.spec['keys_from']!r}",
+                            path=paths.CONFIGS_DIR / "datasets.yaml", fix=f"use one of: {', '.join(KEYS_FROM)}")
         self.num_classes = int(self.spec["num_classes"])
         self.ignore_index = int(self.spec.get("ignore_index", 255))
         self.reduce_zero_label = bool(self.spec.get("reduce_zero_label", False))
+        self.ignore_values = tuple(int(v) for v in self.spec.get("ignore_values", ()))
         self.classnames = load_classnames(self._classnames_file(), self.num_classes)
         self.data_root = paths.data_root(data_root)
         self.root = self.data_root / self.spec["root"]
@@ -154,10 +166,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def _scan(self, pattern: str, what: str) -> tuple[dict[str, Path], Path, str]:
         """Glob `pattern` under the root -> ({key: path}, fixed folder, suffix after the last `*`)."""
-        parts = Path(pattern).parts
-        n_fixed = next((i for i, p in enumerate(parts) if _glob.has_magic(p)), len(parts))
-        base = self.root.joinpath(*parts[:n_fixed])
-        rest = "/".join(parts[n_fixed:])
+        fixed, rest = split_pattern(pattern)
+        base = self.root / fixed
         suffix = pattern.rsplit("*", 1)[-1]
         self._check_folder(base, what=f"{what} folder")
         found = {}
@@ -168,8 +178,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return found, base, suffix
 
     def _pair_globs(self) -> list[Sample]:
-        images, _, _ = self._scan(self.spec["images"], "image")
+        images, image_base, image_suffix = self._scan(self.spec["images"], "image")
         labels, label_base, label_suffix = self._scan(self.spec["labels"], "label")
+        if self.spec.get("keys_from", "both") == "labels":
+            # detectron2 `load_sem_seg` style: the label folder defines the split; the image folder
+            # may hold other splits' images too (e.g. VOC2010/JPEGImages for PASCAL-Context val).
+            no_image = sorted(set(labels) - set(images))
+            if no_image:
+                k = no_image[0]
+                raise UserError(f"dataset {self.name!r}: {len(no_image)} label(s) have no image, e.g. {labels[k]} "
+                                f"(expected image {image_base / (k + image_suffix)})", path=labels[k],
+                                fix=self._incomplete())
+            return [Sample(k, images[k], labels[k]) for k in sorted(labels)]
         no_label = sorted(set(images) - set(labels))
         if no_label:
             k = no_label[0]
@@ -255,8 +275,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
         raise ValueError(f"label image has mode {im.mode}; expected single-channel class indices (L, P or 16-bit)")
 
     def map_label(self, raw: np.ndarray) -> np.ndarray:
-        """Raw on-disk label -> int64 training ids with `ignore_index` (mmseg's reduce_zero_label)."""
+        """Raw on-disk label -> int64 training ids with `ignore_index` (mmseg's reduce_zero_label).
+
+        `ignore_values` (raw values) become `ignore_index` first, e.g. PASCAL-Context-459's 459, the
+        ignore label CAT-Seg registers next to the 65535 its converter writes for unlabelled pixels.
+        """
         label = raw.astype(np.int64)
+        if self.ignore_values:
+            label[np.isin(label, self.ignore_values)] = self.ignore_index
         if self.reduce_zero_label:
             out = label - 1
             out[(label == 0) | (label == 255)] = 255

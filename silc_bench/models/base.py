@@ -56,6 +56,32 @@ class Tokenizer(abc.ABC):
         ...
 
 
+FINETUNE_SCOPES = ("qv", "attention+pos")
+TOWERS = ("image", "text")
+
+
+def resolve_blocks(blocks, depth: int) -> list[int]:
+    """Block indices (None = all; negative from the end) -> sorted non-negative indices, checked."""
+    if blocks is None:
+        return list(range(depth))
+    out = set()
+    for b in blocks:
+        i = int(b) + depth if int(b) < 0 else int(b)
+        if not 0 <= i < depth:
+            raise ValueError(f"block index {b} is out of range for a tower of {depth} blocks")
+        out.add(i)
+    return sorted(out)
+
+
+def check_finetune_args(towers, scope) -> tuple[str, ...]:
+    towers = tuple(towers)
+    if not towers or set(towers) - set(TOWERS):
+        raise ValueError(f"towers must be a non-empty subset of {TOWERS}, got {towers}")
+    if scope not in FINETUNE_SCOPES:
+        raise ValueError(f"unknown fine-tuning scope {scope!r}; choose one of {FINETUNE_SCOPES}")
+    return towers
+
+
 class VisionLanguageModel(nn.Module, abc.ABC):
     """A two-tower model as harnesses see it.
 
@@ -89,6 +115,30 @@ class VisionLanguageModel(nn.Module, abc.ABC):
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
+
+    def dense_features_with_intermediates(
+        self, pixels: torch.Tensor, mode: str | None = None, blocks: tuple[int, ...] | None = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """`dense_features` plus image-tower patch tokens after some blocks, from one forward pass.
+
+        -> (dense [B, h, w, D], {block: [B, h, w, W]}). A block's tokens are the residual stream
+        right after that block (no final norm; prefix tokens dropped), as CAT-Seg's decoder
+        guidance hooks read them. `blocks` index the tower's blocks from 0 (negative from the end;
+        keys are the non-negative index); None = every block. Differentiable: trainers call it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not offer intermediate block outputs")
+
+    def qv_parameters(self, towers: tuple[str, ...] = ("image", "text"),
+                      scope: str = "qv") -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) pairs, names as in `self.named_parameters()`, that a fine-tune trains.
+
+        scope "qv": query and value projection weights and biases of every transformer block of
+        the chosen towers ("image", "text"); pooling heads (MAP, attention pool) are not blocks.
+        scope "attention+pos": every attention parameter of those blocks plus the towers'
+        position embeddings. Formats whose q/k/v live in one fused tensor split it into three
+        parameters on first call (outputs unchanged); see each format's implementation.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not name its attention parameters")
 
     @property
     @abc.abstractmethod

@@ -113,6 +113,30 @@ class BigVisionModel(VisionLanguageModel):
     def dense_features(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         return self.model.img.dense(pixels, self.check_dense_mode(mode))
 
+    def dense_features_with_intermediates(self, pixels: torch.Tensor, mode: str | None = None, blocks=()):
+        return self.model.img.dense_with_intermediates(pixels, self.check_dense_mode(mode), blocks)
+
+    def qv_parameters(self, towers=("image", "text"), scope: str = "qv") -> list[tuple[str, nn.Parameter]]:
+        """big_vision blocks have separate `query`/`value` Dense layers: their kernels and biases.
+        scope "attention+pos": query/key/value/out of every block plus `pos_embedding`. The MAP
+        heads' attention is pooling, not a block, and is never included."""
+        from silc_bench.models.base import check_finetune_args
+
+        towers = check_finetune_args(towers, scope)
+        parts = ("query", "value") if scope == "qv" else ("query", "key", "value", "out")
+        out = []
+        for tower, prefix in (("image", "model.img"), ("text", "model.txt")):
+            if tower not in towers:
+                continue
+            module = self.model.img if tower == "image" else self.model.txt
+            if scope != "qv":
+                out.append((f"{prefix}.pos_embedding", module.pos_embedding))
+            for i, block in enumerate(module.blocks):
+                for part in parts:
+                    lin = getattr(block.attn, part)
+                    out += [(f"{prefix}.blocks.{i}.attn.{part}.{n}", p) for n, p in lin.named_parameters()]
+        return out
+
     @property
     def logit_scale(self) -> float:
         return float(self.model.t.detach().exp())

@@ -242,16 +242,35 @@ class ViT(nn.Module):
         "map_value": z_i = e_i + MLP(LN(e_i)), e_i = out(value(x_i)) (the MAP head on token i alone);
         "map_value_no_mlp": z_i = e_i; "tokens": the encoded patch tokens. All then pre_logits/head.
         """
+        mode = self._check_mode(mode)
+        x, (h, w) = self.patch_tokens(pixels)
+        return self._dense_head(x, mode).reshape(x.shape[0], h, w, -1)
+
+    def dense_with_intermediates(self, pixels: torch.Tensor, mode: str | None = None,
+                                 blocks=()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """`dense` plus the patch tokens after `blocks` ({i: [B, h, w, width]}, before encoder_norm)."""
+        from silc_bench.models.base import resolve_blocks
+
+        mode = self._check_mode(mode)
+        x, (h, w), out = self.encode(pixels)
+        skip = 1 if self.cls is not None else 0
+        inter = {i: out[f"block{i:02d}"][:, skip:].reshape(x.shape[0], h, w, -1)
+                 for i in resolve_blocks(blocks, self.config.depth)}
+        return self._dense_head(x[:, skip:], mode).reshape(x.shape[0], h, w, -1), inter
+
+    def _check_mode(self, mode: str | None) -> str:
         mode = mode or self.default_dense_mode
         if mode not in self.dense_modes:
             raise ValueError(f"dense mode {mode!r} is not offered by this model; choose one of {self.dense_modes}")
-        x, (h, w) = self.patch_tokens(pixels)
+        return mode
+
+    def _dense_head(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """Encoder-normed patch tokens [B, L, width] -> dense embeddings [B, L, D_out] (see `dense`)."""
         if mode == "map_value":
             x = self.map_head.per_token(x, mlp=True)
         elif mode == "map_value_no_mlp":
             x = self.map_head.per_token(x, mlp=False)
-        x = self._project(x)
-        return x.reshape(x.shape[0], h, w, x.shape[-1])
+        return self._project(x)
 
 
 def init_vit_(vit: nn.Module, width: int) -> None:

@@ -1,0 +1,538 @@
+"""CAT-Seg training (plain PyTorch; DDP under torchrun) and the trained-model file format.
+
+    silc-bench train cat-seg --model SPEC --config configs/cat_seg/vitb_384.yaml --out DIR [--resume]
+    torchrun --nproc_per_node 4 -m silc_bench.catseg.train --model SPEC --config ... --out DIR
+
+Recipe (configs/cat_seg/vitb_384.yaml = CAT-Seg's vitb_384): crop 384, batch 4, 80k iterations,
+AdamW lr 2e-4 wd 1e-4 (0 on norm layers and embeddings, as detectron2's optimizer builder),
+backbone params x0.01, cosine decay to 0 (no warm-up), gradient clipping at norm 0.01 over all
+trainable parameters, loss = per-class binary cross-entropy with logits against one-hot targets at
+the logit resolution (labels nearest-downsampled; ignore-index pixels left out of the mean).
+CAT-Seg itself upsamples logits to the label size and keeps ignored pixels with all-zero targets;
+its SSD colour augmentation is not applied here.
+
+Data: any map-style dataset of {"image": uint8 [3, H, W], "label": int64 [H, W]} plus a class list;
+`train_classes` picks the classes trained on (others -> ignore). Sample position
+p = step * batch + i -> a seeded per-epoch permutation; crop and flip seeded by (seed, p), so a
+resumed run repeats the uninterrupted one exactly and a step's batch does not depend on the
+number of processes. Outputs in --out: config.json, log.jsonl, checkpoint.pt (atomic: trainable
+weights, optimizer, step, RNG), and at the end catseg.safetensors + catseg.json (`load_catseg`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from silc_bench.catseg.model import CatSeg, CatSegConfig
+from silc_bench.errors import UserError
+from silc_bench.pretrain.trainer import _precision, _truncate_log, setup_distributed
+
+FORMAT = "silc-bench-catseg"
+WEIGHTS_FILE, META_FILE = "catseg.safetensors", "catseg.json"
+IGNORE = 255
+
+DEFAULTS = {
+    "model": {},  # CatSegConfig fields; `version: early` selects the early-CAT-Seg preset
+    "data": {
+        "name": None,       # a configs/datasets.yaml entry, or
+        "dataset": None,    # an inline entry in that format (training splits are not registered), or
+        "toyworld": None,   # {root, num_images, size, seed}: written with toyworld.write_ade_split
+        "train_classes": "all",  # all | seen (drop the entry's `unseen_classes`) | [names]
+    },
+    "augment": {"mode": "shortest_crop", "scale": [0.5, 1.0], "ratio": [0.75, 1.3333], "flip": True},
+    "optim": {"lr": 2e-4, "weight_decay": 1e-4, "backbone_multiplier": 0.01, "grad_clip": 0.01,
+              "betas": [0.9, 0.999], "eps": 1e-8, "warmup_steps": 0},
+    "train": {"batch_size": 4, "steps": 80_000, "seed": 0, "ckpt_every": 1000, "log_every": 20,
+              "precision": "fp32", "device": "auto", "workers": 4, "threads": None},
+}
+_RUNTIME = ("ckpt_every", "log_every", "device", "workers", "threads")  # may change when resuming
+
+
+# ---------------------------------------------------------------------------------- config
+def _merge(base: dict, over: dict, path, where: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if k not in base:
+            raise UserError(f"unknown CAT-Seg training setting {where}{k!r}", path=path,
+                            fix=f"use one of {sorted(base)} (silc_bench/catseg/train.py DEFAULTS)")
+        if isinstance(out.get(k), dict) and isinstance(v, dict) and k != "model":
+            out[k] = _merge(out[k], v, path, f"{where}{k}.")
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path=None, overrides: dict | None = None) -> dict:
+    import yaml
+
+    raw = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read the CAT-Seg config ({e})", path=path, fix="pass a readable YAML file")
+        if not isinstance(raw, dict):
+            raise UserError("a CAT-Seg config must be a YAML mapping", path=path)
+        if raw.get("base"):  # a variant: its base recipe (next to it) with these settings on top
+            base = load_config(Path(path).parent / raw.pop("base"))
+            raw = {**raw, "model": {**base["model"], **raw.get("model", {})}}
+            raw = _merge(base, raw, path)
+    cfg = _merge(_merge(DEFAULTS, raw, path), overrides or {}, path)
+    try:
+        CatSegConfig.from_dict(cfg["model"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad CAT-Seg model settings: {e}", path=path,
+                        fix="see CatSegConfig in silc_bench/catseg/model.py") from e
+    if cfg["augment"]["mode"] not in ("shortest_crop", "random_resized"):
+        raise UserError(f"unknown augment mode {cfg['augment']['mode']!r}", path=path,
+                        fix="use shortest_crop (CAT-Seg) or random_resized")
+    return cfg
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int = 0) -> float:
+    """detectron2 WarmupCosineLR: base * (1 + cos(pi * step / total)) / 2, linear warm-up factor."""
+    lr = base * 0.5 * (1.0 + math.cos(math.pi * step / total))
+    return lr * min(1.0, (step + 1) / warmup) if warmup else lr
+
+
+# ---------------------------------------------------------------------------------- data
+def make_dataset(cfg: dict, data_root=None, rank: int = 0):
+    """-> (dataset, class names [[synonyms]], entry) from the `data` section."""
+    from silc_bench import paths, registry
+    from silc_bench.data.segmentation import dataset_from_entry
+
+    d = cfg["data"]
+    if sum(bool(d.get(k)) for k in ("name", "dataset", "toyworld")) != 1:
+        raise UserError("the data section needs exactly one of name, dataset, toyworld",
+                        fix="e.g. data: {toyworld: {num_images: 1000}} (see configs/cat_seg/toy.yaml)")
+    if d.get("toyworld"):
+        from silc_bench.data import toyworld as tw
+
+        opts = {"root": "toyworld_train", "num_images": 1000, "size": 96, "seed": 0, **d["toyworld"]}
+        root = paths.data_root(data_root) / opts["root"]
+        if rank == 0:
+            tw.write_ade_split(root, "training", num_images=opts["num_images"], size=opts["size"], seed=opts["seed"])
+        if dist.is_initialized():
+            dist.barrier()
+        entry = {"name": "toyworld-train", "layout": "glob", "root": str(root / "ADEChallengeData2016"),
+                 "split": "training", "images": "images/training/*.jpg", "labels": "annotations/training/*.png",
+                 "classnames": "toyworld.txt", "num_classes": tw.NUM_CLASSES, "reduce_zero_label": True,
+                 "ignore_index": IGNORE, "num_images": opts["num_images"], "unseen_classes": list(tw.UNSEEN_CLASSES)}
+    else:
+        entry = registry.dataset_entry(d["name"]) if d.get("name") else dict(d["dataset"])
+    ds = dataset_from_entry(entry, data_root)
+    return ds, ds.classnames, entry
+
+
+def class_subset(classnames: list, train_classes, entry: dict | None = None) -> tuple[list, np.ndarray]:
+    """-> (kept class names, label lookup table: dataset id -> train id or IGNORE)."""
+    first = [c[0] if isinstance(c, (list, tuple)) else c for c in classnames]
+    if train_classes in (None, "all"):
+        keep = list(range(len(first)))
+    elif train_classes == "seen":
+        unseen = set((entry or {}).get("unseen_classes") or [])
+        if not unseen:
+            raise UserError("train_classes: seen needs the dataset entry's unseen_classes list",
+                            fix="list the training classes explicitly or use train_classes: all")
+        keep = [i for i, n in enumerate(first) if n not in unseen]
+    else:
+        unknown = [n for n in train_classes if n not in first]
+        if unknown:
+            raise UserError(f"train_classes {unknown} are not classes of the dataset",
+                            fix=f"choose from {first}")
+        keep = [first.index(n) for n in train_classes]
+    lut = np.full(max(len(first), IGNORE) + 1, IGNORE, np.int64)  # ids past the classes -> ignore
+    lut[keep] = np.arange(len(keep))
+    return [classnames[i] for i in keep], lut
+
+
+class TrainSamples(torch.utils.data.Dataset):
+    """Item p (a sample position) -> augmented crop: image float [3, S, S] in [0, 1], label [S, S]."""
+
+    def __init__(self, dataset, lut: np.ndarray, crop: int, augment: dict, seed: int):
+        self.dataset, self.lut, self.crop, self.aug, self.seed = dataset, torch.from_numpy(lut), crop, augment, seed
+
+    @functools.lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+
+    def __len__(self) -> int:
+        return 1 << 62  # positions, not items
+
+    def __getitem__(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.dataset)
+        item = self.dataset[int(self._order(p // n)[p % n])]
+        rng = np.random.default_rng([self.seed, 1, p])
+        img = item["image"].float().div_(255)
+        label = self.lut[item["label"].clamp(0, len(self.lut) - 1)]
+        return augment_pair(img, label, self.crop, self.aug, rng)
+
+
+def augment_pair(img, label, crop: int, aug: dict, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """shortest_crop (CAT-Seg): short side -> crop, random crop x crop window; random_resized:
+    torchvision-style area/ratio box resized to crop x crop. Then a random horizontal flip."""
+    h, w = label.shape
+    if aug["mode"] == "shortest_crop":
+        s = crop / min(h, w)
+        nh, nw = max(crop, round(h * s)), max(crop, round(w * s))
+        img, label = _resize(img, label, nh, nw)
+        y, x = int(rng.integers(nh - crop + 1)), int(rng.integers(nw - crop + 1))
+        img, label = img[:, y:y + crop, x:x + crop], label[y:y + crop, x:x + crop]
+    else:
+        box = None
+        for _ in range(10):
+            area = h * w * rng.uniform(*aug["scale"])
+            ratio = math.exp(rng.uniform(math.log(aug["ratio"][0]), math.log(aug["ratio"][1])))
+            bw, bh = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < bw <= w and 0 < bh <= h:
+                box = (int(rng.integers(h - bh + 1)), int(rng.integers(w - bw + 1)), bh, bw)
+                break
+        y, x, bh, bw = box or ((h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w), min(h, w))
+        img, label = _resize(img[:, y:y + bh, x:x + bw], label[y:y + bh, x:x + bw], crop, crop)
+    if aug.get("flip", True) and rng.random() < 0.5:
+        img, label = img.flip(-1), label.flip(-1)
+    return img.contiguous(), label.contiguous()
+
+
+def _resize(img, label, h: int, w: int):
+    if tuple(label.shape) == (h, w):
+        return img, label
+    img = F.interpolate(img[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+    label = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+    return img.clamp_(0, 1), label
+
+
+def bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean per-class BCE over non-ignored pixels; labels [B, H, W] nearest-downsampled to the logits."""
+    k = logits.shape[1]
+    target = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+    valid = target != IGNORE
+    onehot = F.one_hot(torch.where(valid, target, 0), k).permute(0, 3, 1, 2).float()
+    loss = F.binary_cross_entropy_with_logits(logits.float(), onehot, reduction="none")
+    return (loss * valid[:, None]).sum() / (valid.sum() * k).clamp(min=1)
+
+
+def param_groups(model: nn.Module, optim: dict) -> list[dict]:
+    """detectron2's rule: weight decay except on norm layers and embeddings; backbone lr x multiplier."""
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.Embedding)
+    groups: dict = {}
+    for mname, module in model.named_modules():
+        for _, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            mult = optim["backbone_multiplier"] if mname.startswith("backbone.") else 1.0
+            wd = 0.0 if isinstance(module, norms) else optim["weight_decay"]
+            groups.setdefault((mult, wd), []).append(p)
+    return [{"params": ps, "lr_mult": m, "weight_decay": wd} for (m, wd), ps in sorted(groups.items())]
+
+
+# ---------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: dict, model_spec: str, out_dir, *, data_root=None, checkpoint_dir=None,
+                 backbone=None, dataset=None, classnames=None):
+        """`backbone`/`dataset`+`classnames` may be given directly (tests); else built from spec/config."""
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        tr = cfg["train"]
+        dev = tr["device"]
+        if dev == "auto":
+            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(dev)
+        if tr["threads"]:  # CPU intra-op threads (shared small machines: 1 avoids contention stalls)
+            torch.set_num_threads(int(tr["threads"]))
+        self.amp_dtype = _precision(cfg, self.device)
+        self.batch, self.total_steps, self.seed = int(tr["batch_size"]), int(tr["steps"]), int(tr["seed"])
+        if self.batch % self.world:
+            raise UserError(f"batch_size {self.batch} is not divisible by {self.world} processes",
+                            fix="choose a batch size that is a multiple of the number of processes")
+        self.local_batch = self.batch // self.world
+
+        if backbone is None:
+            from silc_bench.checkpoints import load_model
+
+            backbone = load_model(model_spec, checkpoint_dir=checkpoint_dir, device=self.device)
+        self.spec = _spec_for_record(model_spec)
+        self.backbone_sha = backbone.provenance.get("sha256")
+        torch.manual_seed(self.seed)  # head init
+        self.model = CatSeg(backbone.to(self.device), cfg["model"])
+        self.crop = self.model.config.crop_size
+        entry = None
+        if dataset is None:
+            dataset, classnames, entry = make_dataset(cfg, data_root, self.rank)
+        self.classnames, lut = class_subset(classnames, cfg["data"]["train_classes"], entry)
+        self.samples = TrainSamples(dataset, lut, self.crop, cfg["augment"], self.seed)
+
+        op = cfg["optim"]
+        self.opt = torch.optim.AdamW(param_groups(self.model, op), lr=op["lr"], betas=tuple(op["betas"]), eps=op["eps"])
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.ddp = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # static_graph: the same parameters go unused every step (a MaskCLIP dense path never
+            # uses the last image block's q), which DDP then handles without a per-step graph search.
+            self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                           static_graph=True)
+        self.text = None  # frozen text encoder: the class embeddings, computed once
+        if not self.model.text_trainable:
+            with torch.no_grad():
+                self.text = self.model.encode_classes(self.classnames)
+        self.step = 0
+
+    # ---- data
+    def loader(self, start: int):
+        """Local batches of steps start..total-1 (positions step*batch + rank*local + i)."""
+        steps = range(start, self.total_steps)
+        sampler = [[s * self.batch + self.rank * self.local_batch + i for i in range(self.local_batch)] for s in steps]
+        workers = int(self.cfg["train"]["workers"])
+        return torch.utils.data.DataLoader(self.samples, batch_sampler=sampler, num_workers=workers,
+                                           pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    # ---- one step
+    def train_step(self, step: int, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        op = self.cfg["optim"]
+        lr = cosine_lr(step, self.total_steps, op["lr"], op["warmup_steps"])
+        for g in self.opt.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        images = self.model.backbone.preprocess.normalize(images.to(self.device, non_blocking=True))
+        labels = labels.to(self.device, non_blocking=True)
+        self.model.train()
+        ctx = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+               else torch.autocast(self.device.type, enabled=False))
+        with ctx:
+            logits = self.ddp(images, self.text if self.text is not None else self.classnames)
+        loss = bce_loss(logits, labels)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, op["grad_clip"] or float("inf"))
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        stat = loss.detach().float().reshape(1)
+        if self.world > 1:
+            dist.all_reduce(stat)
+            stat /= self.world
+        return {"loss": float(stat), "lr": lr, "grad_norm": float(gnorm)}
+
+    # ---- checkpoints
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def _identity(self) -> dict:
+        return {"config": _public(self.cfg), "spec": self.spec, "backbone_sha256": self.backbone_sha}
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        state = {"step": self.step, "trainable": self.model.trainable_state(), "optimizer": self.opt.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler else {}, "rng_cpu": torch.get_rng_state(),
+                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                 "identity": json.dumps(self._identity(), sort_keys=True)}
+        _atomic(self.ckpt_path, lambda f: torch.save(state, f))
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read the CAT-Seg training checkpoint ({e})", path=path,
+                            fix="delete it to start over, or point --out at the run to resume") from e
+        if _strip(json.loads(state["identity"])) != _strip(json.loads(json.dumps(self._identity(), sort_keys=True))):
+            raise UserError("the checkpoint was written with another config, backbone or steps", path=path,
+                            fix="resume with the same --model and config, or use a new --out")
+        self.model.load_trainable_state(state["trainable"], source=path)
+        self.opt.load_state_dict(state["optimizer"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if torch.cuda.is_available() and state["rng_cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+        self.step = int(state["step"])
+
+    # ---- the loop
+    def run(self, resume: bool = False, stop_at_step: int | None = None, kill_at_step: int | None = None) -> list[dict]:
+        """Train to the end (or return after `stop_at_step` steps without saving: a simulated kill)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.ckpt_path.exists():
+            if not resume:
+                raise UserError("this output folder already holds a CAT-Seg training checkpoint", path=self.ckpt_path,
+                                fix="pass --resume to continue it, or choose another --out")
+            self.load_checkpoint(self.ckpt_path)
+        log_path = self.out / "log.jsonl"
+        if self.rank == 0:
+            (self.out / "config.json").write_text(json.dumps(self._identity(), indent=1))
+            _truncate_log(log_path, self.step)
+        tr, records = self.cfg["train"], []
+        log = open(log_path, "a") if self.rank == 0 else None
+        try:
+            tick = time.perf_counter()
+            for step, (images, labels) in zip(range(self.step, self.total_steps), self.loader(self.step)):
+                stats = self.train_step(step, images, labels)
+                self.step = step + 1
+                now = time.perf_counter()
+                stats = {"step": step, **stats, "seconds": now - tick}
+                tick = now
+                records.append(stats)
+                if log and (step % tr["log_every"] == 0 or self.step == self.total_steps):
+                    log.write(json.dumps(stats) + "\n")
+                    log.flush()
+                    print(f"step {step}: loss {stats['loss']:.4f} lr {stats['lr']:.2e}", flush=True)
+                if self.step % tr["ckpt_every"] == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+                if kill_at_step is not None and self.step == kill_at_step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if stop_at_step is not None and self.step == stop_at_step:
+                    return records
+        finally:
+            if log:
+                log.close()
+        if self.rank == 0:
+            self.export()
+        if self.world > 1:
+            dist.barrier()
+        return records
+
+    def export(self) -> Path:
+        return save_catseg(self.model, self.out, spec=self.spec, backbone_sha256=self.backbone_sha,
+                           train={**_public(self.cfg), "classes": self.classnames, "steps_done": self.step})
+
+
+# ---------------------------------------------------------------------------------- file format
+def save_catseg(model: CatSeg, out_dir, *, spec: str, backbone_sha256: str | None, train: dict | None = None) -> Path:
+    """Write `catseg.safetensors` (the trained tensors: head + fine-tuned backbone ones, by name)
+    and `catseg.json` (backbone spec and sha256, CAT-Seg config, description); returns the json."""
+    from safetensors.torch import save
+
+    from silc_bench.hashing import sha256_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {n: t.detach().cpu().contiguous().clone() for n, t in model.trainable_state().items()}
+    _atomic(out / WEIGHTS_FILE, lambda f: f.write(save(tensors, metadata={"format": FORMAT})))
+    meta = {"format": FORMAT, "format_version": 1, "weights": WEIGHTS_FILE,
+            "weights_sha256": sha256_file(out / WEIGHTS_FILE),
+            "backbone": {"spec": spec, "sha256": backbone_sha256, "describe": _jsonable(model.backbone.describe())},
+            "config": asdict(model.config), "catseg": _jsonable(model.describe()), "train": _jsonable(train or {})}
+    _atomic(out / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return out / META_FILE
+
+
+def load_catseg(path, *, checkpoint_dir=None, device="cpu") -> CatSeg:
+    """A trained CAT-Seg: the backbone via `load_model(spec)`, then the trained tensors. `path`: the
+    run folder, its catseg.json or its catseg.safetensors."""
+    from safetensors.torch import load_file
+
+    from silc_bench.checkpoints import load_model
+
+    p = Path(path)
+    meta_path = p / META_FILE if p.is_dir() else (p if p.suffix == ".json" else p.with_name(META_FILE))
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the CAT-Seg description ({e})", path=meta_path,
+                        fix=f"pass the folder written by `silc-bench train cat-seg` (holding {META_FILE})") from e
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{meta_path.name} is not a CAT-Seg checkpoint description", path=meta_path,
+                        fix=f"pass the {META_FILE} written by `silc-bench train cat-seg`")
+    backbone = load_model(meta["backbone"]["spec"], checkpoint_dir=checkpoint_dir, device=device)
+    want, got = meta["backbone"].get("sha256"), backbone.provenance.get("sha256")
+    if want and got and want != got:
+        raise UserError(f"backbone {meta['backbone']['spec']!r} has sha256 {got[:12]}..., CAT-Seg was trained on "
+                        f"{want[:12]}...", path=meta_path, fix="point the spec / --checkpoint-dir at the original backbone")
+    model = CatSeg(backbone, CatSegConfig.from_dict(meta["config"]))
+    weights = meta_path.with_name(meta.get("weights", WEIGHTS_FILE))
+    try:
+        state = load_file(str(weights), device=str(device))
+    except Exception as e:
+        raise UserError(f"cannot read the CAT-Seg weights ({e})", path=weights,
+                        fix="re-export them, or restore the file written next to catseg.json") from e
+    model.load_trainable_state(state, source=weights)
+    return model.eval()
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temp file + fsync + rename: a kill leaves the previous file whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _public(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _strip(identity: dict) -> dict:
+    identity = copy.deepcopy(identity)
+    for k in _RUNTIME:
+        identity["config"]["train"].pop(k, None)
+    return identity
+
+
+def _spec_for_record(spec: str) -> str:
+    """Relative checkpoint paths become absolute so `load_catseg` finds them from anywhere."""
+    p = Path(str(spec))
+    return str(p.resolve()) if str(spec).endswith(".npz") and p.exists() else str(spec)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="silc-bench train cat-seg", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="backbone: registry name, .npz, open_clip:ARCH[:WEIGHTS], hf:DIR")
+    ap.add_argument("--config", required=True, help="YAML recipe (configs/cat_seg/*.yaml)")
+    ap.add_argument("--out", required=True, help="run folder: log, checkpoint, catseg.safetensors + catseg.json")
+    ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    ap.add_argument("--data-root", help="dataset root (else $SILC_BENCH_DATA, else ~/data)")
+    ap.add_argument("--checkpoint-dir", help="where registry checkpoints live")
+    ap.add_argument("--steps", type=int, help="overrides train.steps (the schedule's length)")
+    ap.add_argument("--seed", type=int, help="overrides train.seed")
+    ap.add_argument("--kill-at-step", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL after this step
+    args = ap.parse_args(argv)
+    train = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    cfg = load_config(args.config, {"train": train} if train else None)
+    setup_distributed()
+    try:
+        trainer = Trainer(cfg, args.model, args.out, data_root=args.data_root, checkpoint_dir=args.checkpoint_dir)
+        trainer.run(resume=args.resume, kill_at_step=args.kill_at_step)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if trainer.rank == 0:
+        print(f"wrote {Path(args.out) / META_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
