@@ -73,7 +73,8 @@ def write_column(name, root, **kw):
                                         ("voc20", 0), ("voc21", 0)])
 def test_runner_writes_valid_records_on_each_layout(name, entry, tmp_path, monkeypatch):
     used = write_column(name, tmp_path / "data", entry=entry)
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: FakeCatSeg(labels=registry.dataset_entry(used).get("query_to_label")))
+    fake = FakeCatSeg(labels=registry.dataset_entry(used).get("query_to_label"))
+    monkeypatch.setitem(runner.MODEL_LOADERS, "catseg", lambda *a, **k: fake)
     opts = runner.RunOptions(data_root=str(tmp_path / "data"), out_dir=tmp_path / "out", protocol_overrides=SMALL,
                              progress=False, cache=False, batch_size=5, shard_size=1)
     with warnings.catch_warnings():
