@@ -1,0 +1,533 @@
+"""Reference pretraining: CLIP, SigLIP, the SILC Table 6 ablation rows, SILC-C and SILC-S.
+
+    silc-bench pretrain --config configs/pretrain/toy_silc_c.yaml --out runs/toy_silc_c
+    torchrun --nproc_per_node 8 -m silc_bench.pretrain.trainer --config ... --out ... [--resume]
+
+One loop for every variant; a variant is a set of switches (VARIANTS), a config may override each.
+- loss "softmax" (CLIP InfoNCE) or "sigmoid" (SigLIP, with the bias `b`), always over the global
+  batch: embeddings are all-gathered with gradients (see objectives.py for why the gradient is exact).
+- contrastive_views: "full" = the whole image resized to the global size (CLIP / SigLIP input);
+  "global" = each of the 2 global crops, every one contrasted with the same texts and batch size
+  (SILC), the loss averaged over views; "local" = the local crops (not used by a paper row).
+- ema: keep an EMA teacher of the whole student (both towers, t, b, head) with fixed momentum
+  0.966. The EMA weights are the ones exported for evaluation. (The paper says the teacher is
+  evaluated; EMA-ing the text tower too keeps the exported towers aligned. Decision, documented.)
+- distill: SILC self-distillation, teacher on global views, student on local views, DINO head.
+  L = L_contrastive + weight * L_self-dist.
+
+Data: sample position p = step * global_batch + i -> dataset index p % length, crops seeded by
+(seed, p). The global batch of a step never depends on the number of processes, so a run on N
+processes matches a run on one, and a resumed run repeats the uninterrupted one exactly.
+Outputs in --out: config.json, log.jsonl (loss per step), checkpoint.pt (atomic, latest),
+model.npz + model.npz.json (big_vision export with the tokenizer), the tokenizer file. Rank 0
+writes them; with several nodes, --out must be on a file system every process reads.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from silc_bench.errors import UserError
+from silc_bench.pretrain import objectives as obj
+from silc_bench.pretrain.multicrop import MultiCropConfig, full_view, multicrop
+from silc_bench.pretrain.schedule import rsqrt_lr
+
+VARIANTS = {
+    "clip":           dict(loss="softmax", contrastive_views=["full"], ema=False, distill=False),
+    "siglip":         dict(loss="sigmoid", contrastive_views=["full"], ema=False, distill=False),
+    "clip+views":     dict(loss="softmax", contrastive_views=["global"], ema=False, distill=False),
+    "clip+views+ema": dict(loss="softmax", contrastive_views=["global"], ema=True, distill=False),
+    "silc-c":         dict(loss="softmax", contrastive_views=["global"], ema=True, distill=True),
+    "silc-s":         dict(loss="sigmoid", contrastive_views=["global"], ema=True, distill=True),
+}
+
+# Defaults are the paper's numbers (SILC section 4.1, Table 6 budget: 5B examples seen at batch 16k).
+# Marked "not in the paper": SigLIP's recipe (b2 0.95, weight decay, clipping), our choice.
+DEFAULTS = {
+    "variant": "silc-c",
+    "objective": {},  # overrides of the variant's switches (loss, contrastive_views, ema, distill)
+    "model": {  # TwoTowerConfig: ViT-B/16 with MAP pooling at 256 px, B text tower, 64 tokens
+        "img": {"width": 768, "depth": 12, "heads": 12, "patch_size": 16, "grid": [16, 16], "pool_type": "map"},
+        "txt": {"vocab_size": 32000, "width": 768, "depth": 12, "heads": 12, "length": 64, "out_dim": 768},
+        "temperature_init": 10.0, "bias_init": -10.0,
+    },
+    "tokenizer": {"kind": "sentencepiece", "file": "c4_en.model", "context_length": 64, "pad_id": 1,
+                  "lowercase": True, "eos": "sticky"},
+    "data": {"kind": "webli"},
+    "multicrop": {"global_size": 256, "local_size": 96, "n_global": 2, "n_local": 8,
+                  "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4], "flip": False},
+    "distill": {"out_dim": 65536, "hidden": 2048, "bottleneck": 256, "layers": 3, "teacher_temp": 0.04,
+                "student_temp": 0.1, "center_momentum": 0.9, "weight": 1.0},
+    "ema_momentum": 0.966,
+    "optim": {"lr": 1e-3, "warmup_steps": 50_000, "cooldown_steps": 50_000, "timescale": None,
+              "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 1e-4, "grad_clip": 1.0},  # not in the paper
+    "train": {"batch_size": 16384, "steps": 305_176, "seed": 0, "ckpt_every": 1000, "log_every": 1,
+              "print_every": 10, "precision": "auto", "device": "auto", "prefetch": True},
+}
+
+
+# ---------------------------------------------------------------------------------- config
+_OPEN = ("model", "tokenizer", "data")  # free-form sections, checked by what consumes them
+
+
+def _merge(base: dict, over: dict, path, where: str = "", strict: bool = True) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if strict and k not in base:
+            raise UserError(f"unknown pretraining setting {where}{k!r}", path=path,
+                            fix=f"use one of {sorted(base)} (see silc_bench/pretrain/trainer.py DEFAULTS)")
+        if isinstance(out.get(k), dict) and isinstance(v, dict) and (out[k] or not strict):
+            out[k] = _merge(out[k], v, path, f"{where}{k}.", strict and k not in _OPEN)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path=None, overrides: dict | None = None) -> dict:
+    """YAML file (plain data) merged over DEFAULTS; `_config_dir` resolves relative files."""
+    import yaml
+
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read the pretraining config ({e})", path=path, fix="pass a readable YAML file")
+        if not isinstance(raw, dict):
+            raise UserError("a pretraining config must be a YAML mapping", path=path)
+    cfg = _merge(DEFAULTS, raw, path)
+    cfg = _merge(cfg, overrides or {}, path)
+    if cfg["variant"] not in VARIANTS:
+        raise UserError(f"unknown variant {cfg['variant']!r}", path=path, fix=f"use one of {sorted(VARIANTS)}")
+    cfg["objective"] = {**VARIANTS[cfg["variant"]], **cfg["objective"]}
+    o = cfg["objective"]
+    bad = set(o) - set(VARIANTS["clip"]) or set(o["contrastive_views"]) - {"full", "global", "local"}
+    if bad or o["loss"] not in ("softmax", "sigmoid") or not o["contrastive_views"]:
+        raise UserError(f"bad objective settings {o}", path=path,
+                        fix="objective takes loss (softmax/sigmoid), contrastive_views (a non-empty list of "
+                            "full/global/local), ema, distill")
+    cfg["_config_dir"] = str(Path(path).resolve().parent) if path else None
+    cfg["_config_path"] = str(path) if path else None
+    return cfg
+
+
+def _resolve_file(name: str, cfg: dict) -> Path:
+    """A relative file is looked up next to the config, then inside the silc_bench package."""
+    p = Path(name).expanduser()
+    if p.is_absolute():
+        return p
+    pkg = Path(__file__).resolve().parent.parent
+    for base in [cfg.get("_config_dir"), pkg]:
+        if base and (Path(base) / p).exists():
+            return Path(base) / p
+    return p
+
+
+def make_dataset(cfg: dict):
+    data = cfg["data"]
+    if data.get("kind") == "toyworld":
+        from silc_bench.data.toyworld import PretrainDataset
+
+        return PretrainDataset(seed=data.get("seed", 0), length=data.get("length", 100_000), size=data.get("size", 64))
+    raise UserError(f"no pretraining reader for data kind {data.get('kind')!r} (WebLI is not public)",
+                    fix="use data: {kind: toyworld, ...} (configs/pretrain/toy_*.yaml) or add a reader here")
+
+
+# ---------------------------------------------------------------------------------- models
+class Student(nn.Module):
+    """Everything that gets gradients, behind one forward so DDP sees one call per step."""
+
+    def __init__(self, two_tower: nn.Module, head: nn.Module | None):
+        super().__init__()
+        self.model, self.head = two_tower, head
+
+    def forward(self, views: dict, tokens: torch.Tensor, contrastive_views: list[str], distill: bool):
+        emb = {}
+        for name, x in views.items():  # one tower call per view size: [V, n, 3, S, S] -> [V, n, D]
+            emb[name] = self.model.img(x.flatten(0, 1))[0].unflatten(0, x.shape[:2])
+        zimg = obj.l2_normalize(torch.cat([emb[v] for v in contrastive_views]).float())
+        ztxt = obj.l2_normalize(self.model.txt(tokens)[0].float())
+        local = self.head(emb["local"]).float() if distill else None
+        return zimg, ztxt, local, self.model.t, self.model.b
+
+
+def build_student(cfg: dict) -> Student:
+    from silc_bench.models.two_tower import TwoTower, TwoTowerConfig
+
+    o = cfg["objective"]
+    mcfg = dict(cfg["model"], bias=o["loss"] == "sigmoid")
+    try:
+        tt_cfg = TwoTowerConfig(**mcfg)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad model settings ({e})", path=cfg.get("_config_path"),
+                        fix="model takes img: ViTConfig fields, txt: TextConfig fields, temperature_init, bias_init")
+    seed = int(cfg["train"]["seed"])
+    model = TwoTower.from_config(tt_cfg, seed=seed)
+    head = None
+    if o["distill"]:
+        d = cfg["distill"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            head = obj.DistillHead(tt_cfg.img.output_dim, d["out_dim"], d["hidden"], d["bottleneck"], d["layers"])
+    return Student(model, head)
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only Dense / Conv kernels (big_vision's default wd mask ".*/kernel$")."""
+    decay, no_decay = [], []
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            (decay if name == "weight" and isinstance(m, (nn.Linear, nn.Conv2d)) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _precision(cfg: dict, device: torch.device):
+    p = cfg["train"]["precision"]
+    if p == "auto":
+        p = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if p not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"unknown precision {p!r}", path=cfg.get("_config_path"), fix="use auto, fp32, bf16 or fp16")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+
+
+# ---------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: dict, out_dir=None):
+        self.cfg, self.out = cfg, Path(out_dir) if out_dir else None
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        tr, o = cfg["train"], cfg["objective"]
+        dev = tr["device"]
+        if dev == "auto":
+            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(dev)
+        self.amp_dtype = _precision(cfg, self.device)
+        self.global_batch = int(tr["batch_size"])
+        if self.global_batch % self.world:
+            raise UserError(f"batch_size {self.global_batch} is not divisible by {self.world} processes",
+                            fix="choose a batch size that is a multiple of the number of processes")
+        self.local_batch = self.global_batch // self.world
+        self.total_steps = int(tr["steps"])
+        op = cfg["optim"]
+        if self.total_steps > 1 and op["warmup_steps"] >= self.total_steps:
+            raise UserError(f"optim.warmup_steps ({op['warmup_steps']}) must be below train.steps ({self.total_steps})",
+                            path=cfg.get("_config_path"), fix="lower warmup_steps or raise --steps")
+        self.seed = int(tr["seed"])
+        self.crops = MultiCropConfig.from_dict(cfg["multicrop"])
+        self.need_crops = o["distill"] or bool({"global", "local"} & set(o["contrastive_views"]))
+
+        from silc_bench.tokenizers import make_tokenizer
+
+        tok_spec = dict(cfg["tokenizer"], file=str(_resolve_file(cfg["tokenizer"]["file"], cfg)))
+        if not Path(tok_spec["file"]).is_file():
+            raise UserError(f"tokenizer file {tok_spec['file']} not found", path=cfg.get("_config_path"),
+                            fix="set tokenizer.file in the config (relative: next to the config or in silc_bench/)")
+        self.tokenizer = make_tokenizer(tok_spec)
+        self.dataset = make_dataset(cfg)
+
+        self.student = build_student(cfg).to(self.device)
+        self.teacher = None
+        if o["ema"]:
+            self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
+        k = cfg["distill"]["out_dim"]
+        self.center = torch.zeros(k, device=self.device) if o["distill"] else None
+        self.opt = torch.optim.AdamW(param_groups(self.student, op["weight_decay"]), lr=op["lr"],
+                                     betas=tuple(op["betas"]), eps=op["eps"])
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.ddp = self.student
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DDP(self.student, device_ids=ids)
+        self.step = 0
+        self._pool = ThreadPoolExecutor(1) if tr["prefetch"] else None
+
+    # ---- data
+    def load_batch(self, step: int) -> dict:
+        """This process's slice of global batch `step`: {"views": {name: [V, n, 3, S, S]}, "tokens": [n, L]}."""
+        start = step * self.global_batch + self.rank * self.local_batch
+        positions = list(range(start, start + self.local_batch))
+        items = [self.dataset[p % len(self.dataset)] for p in positions]
+        images = torch.stack([it["image"] for it in items])
+        views = {}
+        o = self.cfg["objective"]
+        if "full" in o["contrastive_views"]:
+            views["full"] = full_view(images, self.crops.global_size)[None]
+        if self.need_crops:
+            crops = multicrop(images, positions, self.seed, self.crops)
+            if "global" in o["contrastive_views"] or o["distill"]:
+                views["global"] = crops["global"]
+            if "local" in o["contrastive_views"] or o["distill"]:
+                views["local"] = crops["local"]
+        return {"views": views, "tokens": self.tokenizer([it["caption"] for it in items])}
+
+    def batches(self, start: int):
+        """Batches from `start` on, the next one loading in a thread while this one trains."""
+        nxt = self._pool.submit(self.load_batch, start) if self._pool else None
+        for step in range(start, self.total_steps):
+            batch = nxt.result() if nxt else self.load_batch(step)
+            if self._pool and step + 1 < self.total_steps:
+                nxt = self._pool.submit(self.load_batch, step + 1)
+            yield step, batch
+
+    # ---- one step
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.world == 1:
+            return x
+        with warnings.catch_warnings():  # deprecated in favour of a private API; still the public one
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = torch.distributed.nn.functional.all_gather(x.contiguous())
+        return torch.cat(parts, dim=dim)
+
+    def contrastive_loss(self, zimg, ztxt, t, b) -> torch.Tensor:
+        """zimg [V, n, D], ztxt [n, D]: the mean over views of the global-batch loss share."""
+        offset, t = self.rank * self.local_batch, t.float().reshape(())
+        all_txt = self._gather(ztxt, 0)
+        if self.cfg["objective"]["loss"] == "sigmoid":
+            b = b.float().reshape(())
+            losses = [obj.siglip_loss(zi, ztxt, t, b, all_txt=all_txt, offset=offset) for zi in zimg]
+        else:
+            all_img = self._gather(zimg, 1)
+            losses = [obj.clip_loss(zi, ztxt, t, all_img=ai, all_txt=all_txt, offset=offset)
+                      for zi, ai in zip(zimg, all_img)]
+        return torch.stack(losses).mean()
+
+    def train_step(self, step: int, batch: dict) -> dict:
+        o, d = self.cfg["objective"], self.cfg["distill"]
+        op = self.cfg["optim"]
+        lr = rsqrt_lr(step, total_steps=self.total_steps, base=op["lr"], warmup_steps=op["warmup_steps"],
+                      cooldown_steps=op["cooldown_steps"], timescale=op["timescale"])
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        views = {k: v.to(self.device, non_blocking=True) for k, v in batch["views"].items()}
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+
+        with self._autocast():
+            zimg, ztxt, local_out, t, b = self.ddp(views, tokens, o["contrastive_views"], o["distill"])
+            if o["distill"]:
+                with torch.no_grad():
+                    g = views["global"]
+                    t_emb = self.teacher.model.img(g.flatten(0, 1))[0]
+                    teacher_out = self.teacher.head(t_emb).float().unflatten(0, g.shape[:2])
+        loss_c = self.contrastive_loss(zimg, ztxt, t, b)
+        loss_d = torch.zeros((), device=self.device)
+        if o["distill"]:
+            loss_d = obj.distill_loss(local_out, teacher_out, self.center, student_temp=d["student_temp"],
+                                      teacher_temp=d["teacher_temp"])
+        loss = loss_c + d["weight"] * loss_d
+
+        self.opt.zero_grad(set_to_none=True)
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), op["grad_clip"] or float("inf"))
+        if self.scaler:  # skips the update when fp16 gradients overflowed
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+
+        if self.teacher is not None:
+            obj.ema_update(self.teacher.parameters(), self.student.parameters(), self.cfg["ema_momentum"])
+        if o["distill"]:
+            self.center.copy_(obj.updated_center(self.center, teacher_out, d["center_momentum"]))
+
+        stats = torch.stack([loss.detach(), loss_c.detach(), loss_d.detach()]).float()
+        if self.world > 1:
+            dist.all_reduce(stats)
+            stats /= self.world
+        out = dict(zip(("loss", "contrastive", "distill"), stats.tolist()))
+        out.update(lr=lr, grad_norm=float(gnorm), t=float(t.detach().float().reshape(())))
+        if b is not None:
+            out["b"] = float(b.detach().float().reshape(()))
+        return out
+
+    # ---- checkpoints
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        """Write checkpoint.pt atomically (temp file, fsync, rename): a kill leaves the old one whole."""
+        if self.rank != 0:
+            return
+        state = {
+            "step": self.step,
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict() if self.teacher is not None else {},
+            "center": self.center if self.center is not None else torch.zeros(0),
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "config": json.dumps(_public(self.cfg), sort_keys=True),
+        }
+        tmp = self.ckpt_path.with_name(f".{self.ckpt_path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.ckpt_path)
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:  # a truncated or foreign file
+            raise UserError(f"cannot read the training checkpoint ({e})", path=path,
+                            fix="delete it to start over, or point --out at the run to resume") from e
+        mine = json.dumps(_public(self.cfg), sort_keys=True)
+        if _strip_runtime(json.loads(state["config"])) != _strip_runtime(json.loads(mine)):
+            raise UserError("the checkpoint was written with another config", path=path,
+                            fix="resume with the same config (steps may not change either), or use a new --out")
+        self.student.load_state_dict(state["student"])
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state["teacher"])
+        if self.center is not None:
+            self.center.copy_(state["center"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if torch.cuda.is_available() and state["rng_cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+        self.step = int(state["step"])
+
+    # ---- export
+    def eval_model(self) -> nn.Module:
+        """The two-tower to evaluate: the EMA teacher's when there is one (as in SILC)."""
+        return (self.teacher if self.teacher is not None else self.student).model
+
+    def export(self) -> Path:
+        from silc_bench.checkpoints.big_vision import save_big_vision
+
+        tok = self.tokenizer.spec()
+        src = Path(tok["file"])
+        dst = self.out / src.name
+        if src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+        tok["file"] = dst.name  # relative: resolves next to the sidecar, so the folder is self-contained
+        return save_big_vision(self.eval_model(), self.out / "model.npz", tokenizer=tok)
+
+    # ---- the loop
+    def run(self, resume: bool = False, kill_at_step: int | None = None) -> Path:
+        """Train from scratch or from --out/checkpoint.pt to the last step, then export; -> model.npz."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        log_path = self.out / "log.jsonl"
+        if self.ckpt_path.exists():
+            if not resume:
+                raise UserError("this output folder already holds a training checkpoint", path=self.ckpt_path,
+                                fix="pass --resume to continue it, or choose another --out")
+            self.load_checkpoint(self.ckpt_path)
+        if self.rank == 0:
+            (self.out / "config.json").write_text(json.dumps(_public(self.cfg), indent=1))
+            _truncate_log(log_path, self.step)
+        tr = self.cfg["train"]
+        log = open(log_path, "a") if self.rank == 0 else None
+        try:
+            tick = time.perf_counter()
+            for step, batch in self.batches(self.step):
+                stats = self.train_step(step, batch)
+                self.step = step + 1
+                now = time.perf_counter()
+                stats = {"step": step, **stats, "images_per_s": self.global_batch / (now - tick)}
+                tick = now
+                if log and (step % tr["log_every"] == 0 or self.step == self.total_steps):
+                    log.write(json.dumps(stats) + "\n")
+                    log.flush()
+                if log and (step % tr["print_every"] == 0 or self.step == self.total_steps):
+                    print(f"step {self.step}/{self.total_steps} loss {stats['loss']:.4f} (contrastive "
+                          f"{stats['contrastive']:.4f}, distill {stats['distill']:.4f}) lr {stats['lr']:.2e} "
+                          f"{stats['images_per_s']:.1f} images/s", flush=True)
+                if self.step % tr["ckpt_every"] == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+                if kill_at_step is not None and self.step == kill_at_step:  # tests: a hard preemption
+                    os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            if log:
+                log.close()
+        path = self.out / "model.npz"
+        if self.rank == 0:
+            self.export()
+            which = "EMA teacher" if self.teacher is not None else "student"
+            print(f"exported the {which} weights to {path} (+ {path.name}.json with the tokenizer)", flush=True)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+
+def _public(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _strip_runtime(cfg: dict) -> dict:
+    """Settings that may change between a run and its resumption."""
+    cfg = copy.deepcopy(cfg)
+    for k in ("ckpt_every", "log_every", "print_every", "prefetch", "device"):
+        cfg["train"].pop(k, None)
+    return cfg
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines of steps at or after `step` (logged by a run killed after its last checkpoint)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def setup_distributed() -> None:
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="silc-bench pretrain", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="YAML recipe (configs/pretrain/*.yaml)")
+    ap.add_argument("--out", required=True, help="run folder: log, checkpoint, exported model")
+    ap.add_argument("--seed", type=int, help="overrides train.seed")
+    ap.add_argument("--steps", type=int, help="overrides train.steps (the schedule's length)")
+    ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt if it exists")
+    ap.add_argument("--kill-at-step", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL after this step
+    args = ap.parse_args(argv)
+    train = {k: v for k, v in (("seed", args.seed), ("steps", args.steps)) if v is not None}
+    cfg = load_config(args.config, {"train": train} if train else None)
+    setup_distributed()
+    try:
+        Trainer(cfg, args.out).run(resume=args.resume, kill_at_step=args.kill_at_step)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
