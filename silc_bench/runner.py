@@ -46,10 +46,11 @@ def harness_module(task: dict):
 
 
 def protocol_for(task: dict, dataset, overrides: dict | None) -> dict:
-    """Task protocol, then the dataset's own overrides (e.g. toy-world image sizes), then the user's."""
+    """Task protocol, then the dataset's own overrides for this task (e.g. toy-world image sizes),
+    then the user's."""
     protocol = dict(task.get("protocol", {}))
-    protocol.update((getattr(dataset, "spec", None) or {}).get("protocol", {}))
-    protocol.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    protocol.update(((getattr(dataset, "spec", None) or {}).get("protocol") or {}).get(task["name"], {}))
+    protocol.update(overrides or {})
     return protocol
 
 

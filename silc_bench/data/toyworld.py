@@ -85,7 +85,10 @@ TOYWORLD_DATASET_ENTRY = {
     "classes_source": "silc_bench.data.toyworld.CLASSES (procedurally generated world)",
     "unseen_classes": list(UNSEEN_CLASSES),
     # 96-px images, 64-px models with patch 8: no resize, 64-px windows with stride 32 (4 crops).
-    "protocol": {"short_side": EVAL_SIZE, "long_side_max": 4 * EVAL_SIZE, "crop": 64, "stride": 32},
+    "protocol": {
+        "zs-seg": {"short_side": EVAL_SIZE, "long_side_max": 4 * EVAL_SIZE, "crop": 64, "stride": 32},
+        "ov-seg": {"resize_short": None, "resize_max": None, "out_res": EVAL_SIZE, "crop": 64, "stride": 32},
+    },
 }
 
 

@@ -1,0 +1,32 @@
+"""Small pieces of the toy demos: seen/unseen means and per-task dataset protocol overrides."""
+import math
+
+from silc_bench import registry
+from silc_bench.catseg.toy_demo import seen_unseen
+from silc_bench.pretrain.toy_seeds import summarise
+from silc_bench.runner import protocol_for
+
+
+def test_seen_unseen_means_skip_absent_classes():
+    record = {"per_class": {"IoU": {"grass": 50.0, "kite": 10.0, "drum": 30.0, "sail": float("nan"), "tire": 0.0}}}
+    seen, unseen = seen_unseen(record, {"drum", "sail", "tire"})
+    assert seen == 30.0 and unseen == 15.0
+    assert math.isnan(seen_unseen({"per_class": {"IoU": {"a": 1.0}}}, {"b"})[1])
+
+
+def test_summarise_mean_and_sample_std():
+    assert summarise([1.0, 2.0, 3.0]) == "2.00 ± 1.00"
+    assert summarise([4.0]) == "4.00"
+
+
+class _Dataset:
+    spec = registry.dataset_entry("toyworld")
+
+
+def test_dataset_protocol_overrides_apply_to_their_task_only():
+    zs = protocol_for(registry.task_spec("zs-seg"), _Dataset(), {"stride": 16})
+    assert (zs["short_side"], zs["crop"], zs["stride"], zs["templates"]) == (96, 64, 16, "openai_imagenet_80")
+    assert "out_res" not in zs
+    ov = protocol_for(registry.task_spec("ov-seg"), _Dataset(), None)
+    assert (ov["out_res"], ov["crop"], ov["stride"], ov["resize_short"]) == (96, 64, 32, None)
+    assert "short_side" not in ov
