@@ -46,8 +46,8 @@ def _parse_overrides(items: list[str], task: dict) -> dict:
 
 def cmd_run(args) -> int:
     from silc_bench import registry
-    from silc_bench.results.record import atomic_write_text, find_records
-    from silc_bench.results.report import build_table, load_tables_config, render_markdown
+    from silc_bench.results.record import atomic_write_text
+    from silc_bench.results.report import build_table, load_records, load_tables_config, render_markdown
     from silc_bench.runner import RunOptions, default_device, parse_list, run
 
     if args.limit is not None and args.limit < 1:
@@ -68,7 +68,7 @@ def cmd_run(args) -> int:
         return 0
     # The table shows every record of the requested pairs, including ones skipped as already done.
     wanted = {(m, d) for m in models for d in datasets}
-    records = [r for r in find_records(Path(args.out) / args.task)
+    records = [r for r in load_records([Path(args.out) / args.task])
                if (r["model"].get("spec"), r["dataset"]["name"]) in wanted and r["dataset"].get("limit") == args.limit]
     number = (task.get("paper") or {}).get("table")
     if number is None:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from silc_bench.hashing import sha256_json
+from silc_bench.results.record import atomic_write_bytes
 
 
 def save_tensors(path: str | Path, tensors: dict) -> None:
@@ -23,22 +22,11 @@ def save_tensors(path: str | Path, tensors: dict) -> None:
 
     The checksum is written last, so a file without a matching checksum is incomplete.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in tensors.items()}, buffer)
     data = buffer.getvalue()
-    for target, payload in ((path, data), (Path(f"{path}.sha256"), hashlib.sha256(data).hexdigest().encode())):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(f"{path}.sha256", hashlib.sha256(data).hexdigest().encode())
 
 
 def load_tensors(path: str | Path) -> dict | None:

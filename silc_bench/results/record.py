@@ -23,20 +23,24 @@ REQUIRED_KEYS = ("schema", "task", "model", "dataset", "protocol", "metrics", "e
 _PACKAGES = ("silc-bench", "torch", "torchvision", "open_clip_torch", "transformers", "numpy", "sentencepiece", "pillow")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same folder and rename, so readers never see half a file."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write via a temp file in the same folder, fsync and rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def git_state() -> dict:
@@ -102,18 +106,3 @@ def read_record(path: str | Path) -> dict:
     if not isinstance(record, dict) or record.get("schema") != SCHEMA or any(k not in record for k in REQUIRED_KEYS):
         raise UserError("file is not a complete silc-bench result record", path=path, fix="delete it and run again (or use --force)")
     return record
-
-
-def find_records(root: str | Path) -> list[dict]:
-    """Every valid record under `root`, skipping work files (shards, caches)."""
-    out = []
-    for path in sorted(Path(root).rglob("*.json")):
-        if any(part.startswith(".") or part in ("shards", "cache") for part in path.relative_to(root).parts):
-            continue
-        try:
-            record = read_record(path)
-        except UserError:
-            continue
-        record["_path"] = str(path)
-        out.append(record)
-    return out
