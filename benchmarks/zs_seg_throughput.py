@@ -71,8 +71,8 @@ def per_crop_loop(model, dataset, prepared, p):
             total = torch.zeros(1, dataset.num_classes, h, w)
             count = torch.zeros(1, 1, h, w)
             for y1, x1, y2, x2 in zs_seg.slide_windows(h, w, p["crop"], p["stride"]):
-                logits = zs_seg._crop_logits(model, prepared, image[None, :, y1:y2, x1:x2])
-                total[:, :, y1:y2, x1:x2] += logits
+                patch_logits = zs_seg._patch_logits(model, prepared, image[None, :, y1:y2, x1:x2])[0]
+                total[0, :, y1:y2, x1:x2] += zs_seg._upsample(patch_logits, (y2 - y1, x2 - x1))
                 count[:, :, y1:y2, x1:x2] += 1
             out = F.interpolate(total / count, size=sample["label"].shape, mode="bilinear", align_corners=False)
             metric.update(out[0].argmax(0), sample["label"])

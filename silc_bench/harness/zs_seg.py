@@ -100,13 +100,19 @@ def setup(model, dataset, protocol: dict, device, cache=None) -> ZsSegSetup:
     return ZsSegSetup(text=text, protocol=protocol, dense_mode=dense_mode, details=details)
 
 
-def _crop_logits(model, prepared: ZsSegSetup, crops: torch.Tensor) -> torch.Tensor:
-    """[B, 3, h, w] normalised crops -> [B, C, h, w] cosine logits (max over synonyms)."""
+def _patch_logits(model, prepared: ZsSegSetup, crops: torch.Tensor) -> torch.Tensor:
+    """[B, 3, h, w] normalised crops -> [B, C, gh, gw] cosine logits per patch (max over synonyms)."""
     feats = F.normalize(model.dense_features(crops, mode=prepared.dense_mode).float(), dim=-1)  # [B, gh, gw, D]
     c, s, d = prepared.text.shape
     logits = torch.einsum("bhwd,nd->bnhw", feats, prepared.text.view(c * s, d))
-    logits = logits.view(logits.shape[0], c, s, *logits.shape[2:]).amax(dim=2)
-    return F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+    return logits.reshape(logits.shape[0], c, s, *logits.shape[2:]).amax(dim=2)
+
+
+def _upsample(patch_logits: torch.Tensor, size) -> torch.Tensor:
+    """One crop's [C, gh, gw] logits bilinear to the crop size (one crop at a time: the batch's
+    full-resolution logits would be C x crop^2 floats per crop, too much memory traffic)."""
+    # Contiguous input: the einsum leaves a channels-last view, on which CPU upsampling is ~7x slower.
+    return F.interpolate(patch_logits.contiguous()[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 @torch.inference_mode()
@@ -132,10 +138,10 @@ def evaluate(model, dataset, prepared: ZsSegSetup, indices, *, device, batch_siz
 
     def flush(shape):
         batch = queues.pop(shape)
-        logits = _crop_logits(model, prepared, torch.stack([crop for _, _, crop in batch]))
-        for (image_id, (y1, x1, y2, x2), _), crop_logits in zip(batch, logits):
+        logits = _patch_logits(model, prepared, torch.stack([crop for _, _, crop in batch]))
+        for (image_id, (y1, x1, y2, x2), _), patch_logits in zip(batch, logits):
             canvas = canvases[image_id]
-            canvas.logits[0, :, y1:y2, x1:x2] += crop_logits
+            canvas.logits[0, :, y1:y2, x1:x2] += _upsample(patch_logits, shape)
             canvas.count[0, :, y1:y2, x1:x2] += 1
             canvas.pending -= 1
             if canvas.pending == 0:
@@ -150,10 +156,8 @@ def evaluate(model, dataset, prepared: ZsSegSetup, indices, *, device, batch_siz
         image = model.preprocess.normalize(image / 255.0)[0]
         boxes = slide_windows(h, w, p["crop"], p["stride"])
         image_id = sample["index"]
-        # Channels-last: crop logits come out of the einsum and upsampling in that layout, and the
-        # final resize and argmax over classes run several times faster on it (CPU).
         canvases[image_id] = _Canvas(
-            logits=torch.zeros(1, dataset.num_classes, h, w, device=device).contiguous(memory_format=torch.channels_last),
+            logits=torch.zeros(1, dataset.num_classes, h, w, device=device),
             count=torch.zeros(1, 1, h, w, device=device),
             label=label,
             pending=len(boxes),
