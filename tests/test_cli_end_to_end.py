@@ -1,5 +1,4 @@
 """`silc-bench run zs-seg` end to end on generated datasets in the real layouts, and every bad input."""
-import json
 from pathlib import Path
 
 import numpy as np

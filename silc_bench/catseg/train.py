@@ -27,7 +27,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -40,6 +39,7 @@ from torch import nn
 
 from silc_bench.catseg.model import CatSeg, CatSegConfig
 from silc_bench.errors import UserError
+from silc_bench.recipes import merge_settings, read_recipe, run_main
 from silc_bench.pretrain.trainer import _precision, _truncate_log, setup_distributed
 
 FORMAT = "silc-bench-catseg"
@@ -64,30 +64,16 @@ _RUNTIME = ("ckpt_every", "log_every", "device", "workers", "threads")  # may ch
 
 
 # ---------------------------------------------------------------------------------- config
-def _merge(base: dict, over: dict, path, where: str = "") -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if k not in base:
-            raise UserError(f"unknown CAT-Seg training setting {where}{k!r}", path=path,
-                            fix=f"use one of {sorted(base)} (silc_bench/catseg/train.py DEFAULTS)")
-        if isinstance(out.get(k), dict) and isinstance(v, dict) and k != "model":
-            out[k] = _merge(out[k], v, path, f"{where}{k}.")
-        else:
-            out[k] = v
-    return out
+def _merge(base: dict, over: dict, path) -> dict:
+    # `model` is taken whole: CatSegConfig checks its keys.
+    return merge_settings(base, over, path, what="CAT-Seg training", defaults_at="silc_bench/catseg/train.py",
+                          replaced_sections=("model",))
 
 
 def load_config(path=None, overrides: dict | None = None) -> dict:
-    import yaml
-
     raw = {}
     if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read the CAT-Seg config ({e})", path=path, fix="pass a readable YAML file")
-        if not isinstance(raw, dict):
-            raise UserError("a CAT-Seg config must be a YAML mapping", path=path)
+        raw = read_recipe(path, "CAT-Seg")
         if raw.get("base"):  # a variant: its base recipe (next to it) with these settings on top
             base = load_config(Path(path).parent / raw.pop("base"))
             raw = {**raw, "model": {**base["model"], **raw.get("model", {})}}
@@ -531,8 +517,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -488,7 +488,7 @@ def load_open_clip(arch: str, weights: str | Path | None = None, device: str | t
         if path is not None:
             raise UserError(msg, path=path, fix="pass an open_clip checkpoint of this architecture saved as "
                                                 ".safetensors or a torch state dict (loaded with weights_only)") from e
-        raise UserError(msg, fix=f"use one of open_clip.list_models() (a registered architecture) "
-                                 f"or 'local-dir:<directory>'") from e
+        raise UserError(msg, fix="use one of open_clip.list_models() (a registered architecture) "
+                                 "or 'local-dir:<directory>'") from e
     provenance = {"weights": str(path) if path is not None else tag, "sha256": sha}
     return OpenClipModel.from_module(model, str(arch), provenance=provenance)

@@ -6,7 +6,7 @@ format (big_vision, open_clip, hf) returns a subclass of `VisionLanguageModel`.
 from __future__ import annotations
 
 import abc
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn

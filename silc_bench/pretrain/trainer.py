@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from silc_bench.errors import UserError
+from silc_bench.recipes import merge_settings, read_recipe, run_main
 from silc_bench.pretrain import objectives as obj
 from silc_bench.pretrain.multicrop import MultiCropConfig, full_view, multicrop
 from silc_bench.pretrain.schedule import rsqrt_lr
@@ -83,31 +83,14 @@ DEFAULTS = {
 _OPEN = ("model", "tokenizer", "data")  # free-form sections, checked by what consumes them
 
 
-def _merge(base: dict, over: dict, path, where: str = "", strict: bool = True) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if strict and k not in base:
-            raise UserError(f"unknown pretraining setting {where}{k!r}", path=path,
-                            fix=f"use one of {sorted(base)} (see silc_bench/pretrain/trainer.py DEFAULTS)")
-        if isinstance(out.get(k), dict) and isinstance(v, dict) and (out[k] or not strict):
-            out[k] = _merge(out[k], v, path, f"{where}{k}.", strict and k not in _OPEN)
-        else:
-            out[k] = v
-    return out
+def _merge(base: dict, over: dict, path) -> dict:
+    return merge_settings(base, over, path, what="pretraining", defaults_at="silc_bench/pretrain/trainer.py",
+                          open_sections=_OPEN)
 
 
 def load_config(path=None, overrides: dict | None = None) -> dict:
     """YAML file (plain data) merged over DEFAULTS; `_config_dir` resolves relative files."""
-    import yaml
-
-    raw: dict = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read the pretraining config ({e})", path=path, fix="pass a readable YAML file")
-        if not isinstance(raw, dict):
-            raise UserError("a pretraining config must be a YAML mapping", path=path)
+    raw = read_recipe(path, "pretraining") if path is not None else {}
     cfg = _merge(DEFAULTS, raw, path)
     cfg = _merge(cfg, overrides or {}, path)
     if cfg["variant"] not in VARIANTS:
@@ -526,8 +509,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)
