@@ -40,7 +40,9 @@ from torch import nn
 from silc_bench.catseg.model import CatSeg, CatSegConfig
 from silc_bench.errors import UserError
 from silc_bench.recipes import merge_settings, read_recipe, run_main
-from silc_bench.pretrain.trainer import _precision, _truncate_log, setup_distributed
+from silc_bench.pretrain.trainer import (_precision, _truncate_log, loop_state, restore_loop_state, save_atomic,
+                                         setup_distributed)
+from silc_bench.results.record import atomic_write_bytes, atomic_write_text
 
 FORMAT = "silc-bench-catseg"
 WEIGHTS_FILE, META_FILE = "catseg.safetensors", "catseg.json"
@@ -334,11 +336,9 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.rank != 0:
             return
-        state = {"step": self.step, "trainable": self.model.trainable_state(), "optimizer": self.opt.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler else {}, "rng_cpu": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        state = {"step": self.step, "trainable": self.model.trainable_state(), **loop_state(self.opt, self.scaler),
                  "identity": json.dumps(self._identity(), sort_keys=True)}
-        _atomic(self.ckpt_path, lambda f: torch.save(state, f))
+        save_atomic(state, self.ckpt_path)
 
     def load_checkpoint(self, path: Path) -> None:
         try:
@@ -350,12 +350,7 @@ class Trainer:
             raise UserError("the checkpoint was written with another config, backbone or steps", path=path,
                             fix="resume with the same --model and config, or use a new --out")
         self.model.load_trainable_state(state["trainable"], source=path)
-        self.opt.load_state_dict(state["optimizer"])
-        if self.scaler and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if torch.cuda.is_available() and state["rng_cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+        restore_loop_state(state, self.opt, self.scaler)
         self.step = int(state["step"])
 
     # ---- the loop
@@ -417,12 +412,12 @@ def save_catseg(model: CatSeg, out_dir, *, spec: str, backbone_sha256: str | Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().cpu().contiguous().clone() for n, t in model.trainable_state().items()}
-    _atomic(out / WEIGHTS_FILE, lambda f: f.write(save(tensors, metadata={"format": FORMAT})))
+    atomic_write_bytes(out / WEIGHTS_FILE, save(tensors, metadata={"format": FORMAT}))
     meta = {"format": FORMAT, "format_version": 1, "weights": WEIGHTS_FILE,
             "weights_sha256": sha256_file(out / WEIGHTS_FILE),
             "backbone": {"spec": spec, "sha256": backbone_sha256, "describe": _jsonable(model.backbone.describe())},
             "config": asdict(model.config), "catseg": _jsonable(model.describe()), "train": _jsonable(train or {})}
-    _atomic(out / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=1))
     return out / META_FILE
 
 
@@ -457,16 +452,6 @@ def load_catseg(path, *, checkpoint_dir=None, device="cpu") -> CatSeg:
                         fix="re-export them, or restore the file written next to catseg.json") from e
     model.load_trainable_state(state, source=weights)
     return model.eval()
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temp file + fsync + rename: a kill leaves the previous file whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _jsonable(obj):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ from torch import nn
 
 from silc_bench.errors import UserError
 from silc_bench.recipes import merge_settings, read_recipe, run_main
+from silc_bench.results.record import atomic_write_bytes, atomic_write_text
 from silc_bench.pretrain import objectives as obj
 from silc_bench.pretrain.multicrop import MultiCropConfig, full_view, multicrop
 from silc_bench.pretrain.schedule import rsqrt_lr
@@ -358,18 +360,10 @@ class Trainer:
             "student": self.student.state_dict(),
             "teacher": self.teacher.state_dict() if self.teacher is not None else {},
             "center": self.center if self.center is not None else torch.zeros(0),
-            "optimizer": self.opt.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else {},
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            **loop_state(self.opt, self.scaler),
             "config": json.dumps(_public(self.cfg), sort_keys=True),
         }
-        tmp = self.ckpt_path.with_name(f".{self.ckpt_path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.ckpt_path)
+        save_atomic(state, self.ckpt_path)
 
     def load_checkpoint(self, path: Path) -> None:
         try:
@@ -386,12 +380,7 @@ class Trainer:
             self.teacher.load_state_dict(state["teacher"])
         if self.center is not None:
             self.center.copy_(state["center"])
-        self.opt.load_state_dict(state["optimizer"])
-        if self.scaler and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if torch.cuda.is_available() and state["rng_cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+        restore_loop_state(state, self.opt, self.scaler)
         self.step = int(state["step"])
 
     # ---- export
@@ -474,9 +463,30 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def loop_state(opt, scaler) -> dict:
+    """What exact resume needs beside the weights: optimizer, loss scaler, RNG states."""
+    return {"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else {},
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_loop_state(state: dict, opt, scaler) -> None:
+    opt.load_state_dict(state["optimizer"])
+    if scaler and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"].cpu())
+    if torch.cuda.is_available() and state["rng_cuda"]:
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save through a temp file + fsync + rename: a kill leaves the previous file whole."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def setup_distributed() -> None:
