@@ -6,21 +6,46 @@ import sys
 from pathlib import Path
 
 from silc_bench.errors import UserError
-from silc_bench.paths import CHECKPOINT_ENV, DATA_ENV, RESULTS_DIR
+from silc_bench.paths import CHECKPOINT_ENV, DATA_ENV
+
+# Relative: resolved against the folder `silc-bench` runs in, not the package's own folder.
+DEFAULT_OUT = "results/runs"
+TRAINABLE = {"cat-seg": "CAT-Seg open-vocabulary segmentation head on a backbone (silc_bench/catseg/train.py)"}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" for options that have a real default; None / False defaults and help
+    texts that already state their default are left as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or default == [] or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _positive(flag: str, value, minimum: int) -> None:
+    if value is not None and value < minimum:
+        what = "a positive number" if minimum == 1 else f"a number >= {minimum}"
+        raise UserError(f"{flag} must be at least {minimum}, got {value}", fix=f"pass {flag} N with N {what}")
 
 
 def _add_run(sub):
-    p = sub.add_parser("run", help="evaluate models on a task's datasets and write result records")
+    p = sub.add_parser("run", help="evaluate models on a task's datasets and write result records",
+                       formatter_class=_HelpFormatter)
     p.add_argument("task", help="task name (silc-bench ls tasks)")
-    p.add_argument("--model", required=True, help="comma-separated: registry names, .npz paths, open_clip:ARCH[:WEIGHTS], hf:DIR")
+    p.add_argument("--model", required=True, help="comma-separated: registry names, .npz paths, open_clip:ARCH:WEIGHTS "
+                        "(open_clip:ARCH:random-init for untrained weights, on purpose), hf:DIR")
     p.add_argument("--datasets", help="comma-separated dataset names (default: the task's list)")
     p.add_argument("--data-root", help=f"folder holding the datasets (default ${DATA_ENV}, else ~/data)")
     p.add_argument("--checkpoint-dir", help=f"folder holding named checkpoints (default ${CHECKPOINT_ENV})")
     p.add_argument("--tokenizer", help="for a bare .npz: sentencepiece:FILE")
-    p.add_argument("--out", default=str(RESULTS_DIR / "runs"), help="output folder for records and tables")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="output folder for records and tables (relative paths are relative to the current directory)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--batch-size", type=int, default=16, help="crops per forward (does not change the numbers)")
-    p.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
+    p.add_argument("--workers", type=int, default=2, help="data-loader worker processes (0: decode in the main process)")
     p.add_argument("--limit", type=int, help="first N images only (records are marked limited)")
     p.add_argument("--dense-mode", help="override the model's default dense path (e.g. map_value_no_mlp)")
     p.add_argument("--protocol", action="append", default=[], metavar="KEY=VALUE",
@@ -52,6 +77,9 @@ def cmd_run(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}", fix="pass a positive number of images")
+    _positive("--batch-size", args.batch_size, 1)
+    _positive("--workers", args.workers, 0)
+    _positive("--shard-size", args.shard_size, 1)
     task = registry.task_spec(args.task)
     opts = RunOptions(
         data_root=args.data_root, out_dir=args.out, checkpoint_dir=args.checkpoint_dir, tokenizer=args.tokenizer,
@@ -67,7 +95,10 @@ def cmd_run(args) -> int:
     if not _is_rank_zero():
         return 0
     # The table shows every record of the requested pairs, including ones skipped as already done.
-    wanted = {(m, d) for m in models for d in datasets}
+    from silc_bench.runner import declared_roots, relativize
+
+    roots = declared_roots(opts)
+    wanted = {(relativize(m, roots), d) for m in models for d in datasets}  # records store relative specs
     records = [r for r in load_records([Path(args.out) / args.task])
                if (r["model"].get("spec"), r["dataset"]["name"]) in wanted and r["dataset"].get("limit") == args.limit]
     number = (task.get("paper") or {}).get("table")
@@ -105,26 +136,40 @@ def cmd_pretrain(args, rest) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="silc-bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="silc-bench", description=__doc__, formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
-    ls = sub.add_parser("ls", help="list models, tasks and datasets")
-    ls.add_argument("what", nargs="?", choices=["models", "tasks", "datasets"])
+    ls = sub.add_parser("ls", help="list models, tasks and datasets", formatter_class=_HelpFormatter)
+    ls.add_argument("what", nargs="?", choices=["models", "tasks", "datasets"], help="what to list (default: all three)")
     sub.add_parser("pretrain", help="reference pretraining (CLIP, SigLIP, SILC); see --help of the trainer", add_help=False)
-    train = sub.add_parser("train", add_help=False, help="train a task head on a backbone: `silc-bench train cat-seg --model SPEC ...`")
-    train.add_argument("what", choices=["cat-seg"])
+    trainable = "\n".join(f"  {name:10s} {what}" for name, what in TRAINABLE.items())
+    train = sub.add_parser(
+        "train", add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="silc-bench train {%s} [OPTIONS ...]" % ",".join(TRAINABLE),
+        help="train a task head on a backbone: `silc-bench train cat-seg --model SPEC ...`",
+        description=f"Train a task head on a backbone. Trainable:\n{trainable}\n\n"
+                    f"`silc-bench train NAME --help` lists NAME's options.")
+    train.add_argument("what", nargs="?", choices=list(TRAINABLE), help="what to train (listed above)")
     from silc_bench.results import compare, leaderboard, report
 
-    report.add_arguments(sub.add_parser("report", help="paper tables (md, LaTeX, CSV) from result records"))
+    report.add_arguments(sub.add_parser("report", help="paper tables (md, LaTeX, CSV) from result records",
+                                        formatter_class=_HelpFormatter))
     export = sub.add_parser("export", help="export results").add_subparsers(dest="export_what", required=True)
-    leaderboard.add_arguments(export.add_parser("leaderboard", help="one CSV row per (model, task, dataset, metric)"))
-    compare.add_arguments(sub.add_parser("compare", help="regression gate: fail when a metric moved beyond tolerance"))
+    leaderboard.add_arguments(export.add_parser("leaderboard", help="one CSV row per (model, task, dataset, metric)",
+                                                formatter_class=_HelpFormatter))
+    compare.add_arguments(sub.add_parser("compare", help="regression gate: fail when a metric moved beyond tolerance",
+                                         formatter_class=_HelpFormatter))
     argv = sys.argv[1:] if argv is None else list(argv)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "pretrain":
             return cmd_pretrain(args, rest)
         if args.command == "train":
+            if args.what is None:  # `silc-bench train --help` (or nothing): what can be trained
+                if any(a in ("-h", "--help") for a in rest):
+                    train.print_help()
+                    return 0
+                train.error(f"choose what to train: {', '.join(TRAINABLE)} (silc-bench train --help)")
             from silc_bench.catseg.train import main as train_catseg
 
             return train_catseg(rest) or 0

@@ -1,5 +1,6 @@
-"""Training recipes (pretraining, CAT-Seg): YAML files of plain data merged over a DEFAULTS dict,
-and the command-line wrapper both trainers share."""
+"""Training recipes (pretraining, CAT-Seg): YAML files of plain data merged over the trainer's
+defaults (pretrain/settings.py, catseg/train.py DEFAULTS), and the command-line wrapper both
+trainers share."""
 from __future__ import annotations
 
 import copy
@@ -31,7 +32,7 @@ def merge_settings(base: dict, over: dict, path, *, what: str, defaults_at: str,
     for k, v in over.items():
         if strict and k not in base:
             raise UserError(f"unknown {what} setting {where}{k!r}", path=path,
-                            fix=f"use one of {sorted(base)} (see {defaults_at} DEFAULTS)")
+                            fix=f"use one of {sorted(base)} (defaults: {defaults_at})")
         mergeable = isinstance(out.get(k), dict) and isinstance(v, dict) and k not in replaced_sections
         if mergeable and (out[k] or not strict):
             out[k] = merge_settings(out[k], v, path, what=what, defaults_at=defaults_at, where=f"{where}{k}.",

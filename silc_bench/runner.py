@@ -1,13 +1,14 @@
 """Task-agnostic runner: task spec + model + datasets -> harness -> result records.
 
-It knows nothing task-specific: a task spec names its harness module (silc_bench.harness.<name>),
-which provides `open_dataset`, `setup`, `evaluate` (mergeable state for a list of indices) and
-`finalize` (state -> metrics).
+It knows nothing task-specific and names no task and no model kind: a task spec names its harness
+(silc_bench/harness/__init__.py `HARNESSES`), and the harness says which model loader it needs and
+owns datasets, setup, per-shard evaluation, merging and metrics (contract: silc_bench/harness/base.py).
 """
 from __future__ import annotations
 
-import importlib
+import functools
 import os
+import re
 import shutil
 import sys
 import time
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import torch
 
-from silc_bench import registry
-from silc_bench.checkpoints import load_catseg_model, load_model
+from silc_bench import paths, registry
+from silc_bench.checkpoints import get_loader
 from silc_bench.errors import UserError
-from silc_bench.hashing import sha256_json
-from silc_bench.results.record import environment, now_iso, read_record, record_path, write_record
+from silc_bench.harness import get_harness
+from silc_bench.harness.base import EXAMPLES, SUMS, Harness, merge_results
+from silc_bench.hashing import sha256_dir, sha256_file, sha256_json
+from silc_bench.results.record import environment, now_iso, read_record, record_path, slug, write_record
 from silc_bench.workfiles import Cache, load_tensors, save_tensors
 
 
@@ -41,35 +44,99 @@ class RunOptions:
     shard_size: int = 32
 
 
-def harness_module(task: dict):
-    return importlib.import_module(f"silc_bench.harness.{task['harness']}")
+def harness_for(task: dict) -> Harness:
+    return get_harness(task)
 
 
 def protocol_for(task: dict, dataset, overrides: dict | None) -> dict:
-    """Task protocol, then the dataset's own overrides for this task (e.g. toy-world image sizes),
-    then the user's."""
-    protocol = dict(task.get("protocol", {}))
-    protocol.update(((getattr(dataset, "spec", None) or {}).get("protocol") or {}).get(task["name"], {}))
-    protocol.update(overrides or {})
-    return protocol
+    """Task protocol, then the dataset's own overrides for this task, then the user's."""
+    return harness_for(task).protocol_for(dataset, overrides)
 
 
 def output_path(task_name: str, model_spec: str, dataset_name: str, opts: RunOptions) -> Path:
     name = dataset_name if opts.limit is None else f"{dataset_name}@limit{opts.limit}"
-    return record_path(opts.out_dir, task_name, model_spec, name)
+    return record_path(opts.out_dir, task_name, model_folder(model_spec, opts), name)
 
 
-MODEL_LOADERS = {"vlm": load_model, "catseg": load_catseg_model}
+def load_for_task(harness: Harness, spec: str, opts: RunOptions):
+    """Load what `--model` names with the loader the harness asks for."""
+    loader = get_loader(harness.model_loader)
+    extra = {"tokenizer": opts.tokenizer} if opts.tokenizer else {}
+    return loader(spec, checkpoint_dir=opts.checkpoint_dir, device=opts.device, **extra)
 
 
-def load_for_task(task: dict, spec: str, opts: RunOptions):
-    """The task spec says what `--model` names: a VLM (default) or, e.g., a trained CAT-Seg."""
-    kind = task.get("model_loader", "vlm")
-    if kind not in MODEL_LOADERS:
-        raise UserError(f"task {task['name']!r} asks for unknown model_loader {kind!r}", path=task.get("_path"),
-                        fix=f"use one of: {', '.join(MODEL_LOADERS)}")
-    extra = {"tokenizer": opts.tokenizer} if kind == "vlm" else {}
-    return MODEL_LOADERS[kind](spec, checkpoint_dir=opts.checkpoint_dir, device=opts.device, **extra)
+# ---------------------------------------------------------------------- names and paths in records
+def _weights_file(spec: str) -> Path | None:
+    """The file (or folder) a non-registry spec loads, to name its record folder by content."""
+    if spec.startswith("open_clip:"):
+        arch, _, weights = spec[len("open_clip:"):].partition(":")
+        if arch in ("local-dir", "hf-hub"):
+            return Path(weights) if arch == "local-dir" else None
+        return Path(weights) if weights and Path(weights).exists() else None
+    if spec.startswith("hf:"):
+        return Path(spec[3:])
+    path = Path(spec)
+    return path if path.exists() else None
+
+
+@functools.lru_cache(maxsize=64)
+def _content_hash(path: str, size: int, mtime: float) -> str:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin")) or sorted(p.glob("*.pt"))
+        return sha256_json([sha256_file(f) for f in files]) if files else sha256_dir(p)
+    return sha256_file(p)
+
+
+def model_folder(spec: str, opts: RunOptions | None = None) -> str:
+    """Record folder of a model: its registry name, else `<name>-<content hash>` (never a path slug)."""
+    if spec in registry.models():
+        return spec
+    path = _weights_file(spec)
+    if path is None or not path.exists():  # e.g. open_clip:ARCH:TAG (a tag, not a path)
+        return slug(spec)
+    stat = path.stat()
+    digest = _content_hash(str(path.resolve()), stat.st_size, stat.st_mtime)
+    kind = spec.split(":", 1)[0] if ":" in spec else "npz" if spec.endswith(".npz") else "model"
+    return f"{kind}-{slug(path.stem if path.is_file() else path.name)}-{digest[:12]}"
+
+
+def declared_roots(opts: RunOptions) -> dict[str, str]:
+    """The folders record paths are written relative to (name -> absolute folder)."""
+    roots = {
+        "<data>": paths.data_root(opts.data_root),
+        "<checkpoints>": paths.checkpoint_dir(opts.checkpoint_dir),
+        "<out>": Path(opts.out_dir),
+        "<project>": paths.PROJECT_DIR,
+        "<home>": Path.home(),
+    }
+    return {name: str(Path(p).expanduser().resolve()) for name, p in roots.items()}
+
+
+_ABSOLUTE = re.compile(r"(?:(?<=^)|(?<=[:=,\s]))(/[^:,\s]+)")
+
+
+def relativize(obj, roots: dict[str, str]):
+    """Every absolute path in `obj` (strings, recursively) written relative to a declared root,
+    the most specific first; a path under none keeps only its last component ("<external>/x")."""
+    if isinstance(obj, dict):
+        return {k: relativize(v, roots) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [relativize(v, roots) for v in obj]
+    if not isinstance(obj, str) or "/" not in obj:
+        return obj
+    ordered = sorted(roots.items(), key=lambda kv: -len(kv[1]))
+
+    def one(match):
+        text = match.group(1)
+        for name, root in ordered:
+            if text == root:
+                return name
+            if text.startswith(root.rstrip("/") + "/"):
+                return name + text[len(root.rstrip("/")):]
+        return "<external>/" + Path(text).name
+
+    return _ABSOLUTE.sub(one, obj)
 
 
 def describe_model(model) -> dict:
@@ -82,7 +149,7 @@ def describe_model(model) -> dict:
 
 def describe_dataset(dataset, name: str, limit: int | None) -> dict:
     classnames = getattr(dataset, "classnames", None)
-    return {
+    info = {
         "name": name,
         "num_images": len(dataset),
         "limited": limit is not None,
@@ -91,8 +158,12 @@ def describe_dataset(dataset, name: str, limit: int | None) -> dict:
         "classnames_sha256": sha256_json(classnames) if classnames is not None else None,
         "root": str(getattr(dataset, "root", "")) or None,
     }
+    if callable(getattr(dataset, "describe", None)):
+        info.update(dataset.describe())
+    return info
 
 
+# ---------------------------------------------------------------------- processes
 def _distributed() -> tuple[int, int]:
     """(rank, world size); joins the process group when launched by torchrun."""
     import torch.distributed as dist
@@ -104,45 +175,53 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_reduce_sum(state: dict, device) -> dict:
+def _gather_to_rank0(result: dict, device) -> dict | None:
+    """Combine every rank's merged shard result on rank 0 (None elsewhere): sums are reduced
+    (small tensors), examples are sent to rank 0 only, so no other rank holds the full set."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return state
-    out = {}
-    for k in sorted(state):
-        t = state[k].to(device).clone()
-        dist.all_reduce(t)
-        out[k] = t.cpu()
-    return out
+        return result
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sums = result.get(SUMS) or {}
+    reduced = {}
+    for k in sorted(sums):
+        t = sums[k].to(device).clone()
+        dist.reduce(t, dst=0)
+        reduced[k] = t.cpu()
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(result.get(EXAMPLES), parts, dst=0)
+    if rank != 0:
+        return None
+    combined = merge_results([{EXAMPLES: p} for p in parts if p])
+    if reduced:
+        combined[SUMS] = reduced
+    return combined
 
 
-def _sum_states(states: list[dict]) -> dict:
-    total = {k: v.clone() for k, v in states[0].items()}
-    for st in states[1:]:
-        for k in total:
-            total[k] += st[k]
-    return total
-
-
-def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: RunOptions) -> dict | None:
+# ---------------------------------------------------------------------- one (model, dataset)
+def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: RunOptions,
+                 harness: Harness | None = None) -> dict | None:
     """Evaluate one (model, dataset) pair; returns its record on rank 0 (None on other ranks).
 
-    Images are cut into shards of `opts.shard_size`; each finished shard's metric state is saved,
-    so a killed run recomputes only unfinished shards. Under torchrun, rank r takes shards
-    r, r + world, ...; states are summed across ranks (integer counts: exact whatever the split).
+    Examples are cut into shards of `opts.shard_size`; each finished shard's result is saved
+    atomically with a checksum, so a killed run recomputes only unfinished shards. Under
+    torchrun, rank r takes shards r, r + world, ...; results are combined on rank 0 (sums added,
+    per-example outputs put in index order), exact whatever the split.
     """
     rank, world = _distributed()
-    harness = harness_module(task)
+    harness = harness or harness_for(task)
     dataset = harness.open_dataset(dataset_name, opts.data_root, limit=opts.limit)
-    protocol = protocol_for(task, dataset, opts.protocol_overrides)
+    protocol = harness.protocol_for(dataset, opts.protocol_overrides)
     start = time.perf_counter()
     cache = Cache(Path(opts.out_dir) / "cache") if opts.cache else None
     prepared = harness.setup(model, dataset, protocol, opts.device, cache=cache)
-    description = describe_dataset(dataset, dataset_name, opts.limit)
-    model_info = describe_model(model)
+    roots = declared_roots(opts)
+    description = relativize(describe_dataset(dataset, dataset_name, opts.limit), roots)
+    model_info = relativize(describe_model(model), roots)
+    details = relativize(getattr(prepared, "details", {}) or {}, roots)
     work_key = sha256_json({"task": task["version"], "model": model_info, "dataset": description, "protocol": protocol,
-                            "details": prepared.details})
+                            "details": details})
     work_dir = output_path(task["name"], model_spec, dataset_name, opts).parent / "shards" / f"{dataset_name}-{work_key[:16]}"
     n = len(dataset)
     shards = [range(i, min(i + opts.shard_size, n)) for i in range(0, n, opts.shard_size)]
@@ -151,46 +230,49 @@ def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: Ru
         from tqdm import tqdm
 
         progress = tqdm(total=n, desc=f"{task['name']} {model_spec} {dataset_name}", unit="img", file=sys.stderr)
-    states, computed, reused = [], 0, 0
+    results, computed, reused = [], 0, 0
     try:
         for k, indices in enumerate(shards):
             if k % world != rank:
                 continue
             path = work_dir / f"shard{k:05d}.pt"
-            state = load_tensors(path)
-            if state is None:
-                state = harness.evaluate(model, dataset, prepared, indices, device=opts.device,
-                                         batch_size=opts.batch_size, workers=opts.workers, progress=progress)
-                save_tensors(path, state)
+            result = load_tensors(path)
+            if result is None:
+                result = harness.evaluate(model, dataset, prepared, indices, device=opts.device,
+                                          batch_size=opts.batch_size, workers=opts.workers, progress=progress)
+                save_tensors(path, result)
                 computed += 1
             else:
                 reused += 1
                 if progress is not None:
                     progress.update(len(indices))
-            states.append(state)
+            results.append(result)
     finally:
         if progress is not None:
             progress.close()
-    if not states:  # more ranks than shards
-        states = [harness.evaluate(model, dataset, prepared, [], device=opts.device, batch_size=opts.batch_size)]
-    state = _all_reduce_sum(_sum_states(states), opts.device)
+    if not results:  # more ranks than shards: an empty result of the right shape
+        results = [harness.evaluate(model, dataset, prepared, [], device=opts.device, batch_size=opts.batch_size)]
+    merged = _gather_to_rank0(harness.merge(results), opts.device)
     if rank != 0:
         return None
-    metrics, per_class = harness.finalize(dataset, state)
+    metrics, per_class = harness.finalize(dataset, merged, prepared)
+    harness.check_metrics(metrics)
     wall = time.perf_counter() - start
     return {
         "schema": "silc-bench/result/v1",
         "created": now_iso(),
         "task": {"name": task["name"], "version": task["version"], "spec_sha256": sha256_json(
             {k: v for k, v in task.items() if not k.startswith("_")})},
+        "metric": harness.metric,
         "model": model_info,
         "dataset": description,
         "protocol": protocol,
         "protocol_sha256": sha256_json(protocol),
-        "details": prepared.details,
+        "details": details,
         "metrics": metrics,
         "per_class": per_class,
-        "environment": environment(opts.device),
+        "environment": relativize(environment(opts.device), roots),
+        "roots": {name: ROOT_MEANING[name] for name in roots},
         "timing": {"wall_seconds": wall, "images_per_second": n / wall if wall > 0 else None,
                    "batch_size": opts.batch_size, "workers": opts.workers, "world_size": world,
                    "note": "timing covers this invocation only (reused shards take no time)" if reused else None},
@@ -198,9 +280,19 @@ def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: Ru
     }
 
 
+ROOT_MEANING = {
+    "<data>": f"--data-root, else ${paths.DATA_ENV}, else ~/data",
+    "<checkpoints>": f"--checkpoint-dir, else ${paths.CHECKPOINT_ENV}, else ~/.cache/silc_bench/checkpoints",
+    "<out>": "--out",
+    "<project>": "the silc-bench source folder",
+    "<home>": "the user's home folder",
+}
+
+
 def run(task_name: str, model_specs: list[str], dataset_names: list[str] | None, opts: RunOptions) -> list[dict]:
     """Every (model, dataset) pair; pairs with a record already written are skipped unless `force`."""
     task = registry.task_spec(task_name)
+    harness = harness_for(task)
     dataset_names = dataset_names or task["datasets"]
     _distributed()
     records = []
@@ -212,13 +304,13 @@ def run(task_name: str, model_specs: list[str], dataset_names: list[str] | None,
                   "--force to recompute", file=sys.stderr)
         if not todo:
             continue
-        model = load_for_task(task, model_spec, opts)
+        model = load_for_task(harness, model_spec, opts)
         for dataset_name in todo:
             path = output_path(task_name, model_spec, dataset_name, opts)
             if opts.force:
                 for old in (path.parent / "shards").glob(f"{dataset_name}-*"):
                     shutil.rmtree(old, ignore_errors=True)
-            record = evaluate_one(task, model, model_spec, dataset_name, opts)
+            record = evaluate_one(task, model, model_spec, dataset_name, opts, harness)
             if record is None:  # not rank 0
                 continue
             work = record.pop("_work")
@@ -235,7 +327,7 @@ def _valid_record(path: Path) -> bool:
     if not path.exists():
         return False
     try:
-        read_record(path)
+        read_record(path, fix="none needed: this run recomputes it and replaces the file")
         return True
     except UserError as e:
         print(f"silc-bench: recomputing: {e}", file=sys.stderr)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from silc_bench.catseg import load_catseg
 from silc_bench.catseg.train import Trainer, bce_loss, class_subset, cosine_lr, load_config, main
+from silc_bench.checkpoints.catseg import load_catseg
 from silc_bench.data import toyworld
 from silc_bench.errors import UserError
 
@@ -62,10 +62,25 @@ def test_toy_training_reduces_loss_and_exports(toy_cfg, tiny_big_vision_npz, tmp
         torch.testing.assert_close(loaded(px, names), trainer.model.eval()(px, names))
 
 
+class Crash(Exception):
+    """Stands for a kill: the run ends where it is, with nothing saved beyond its last checkpoint."""
+
+
+def crash_after(n: int, seen: list):
+    def callback(done, stats):
+        seen.append(stats)
+        if done == n:
+            raise Crash
+
+    return callback
+
+
 def test_kill_and_resume_continue_identically(toy_cfg, tiny_big_vision_npz, tmp_path):
     full = [r["loss"] for r in _trainer(toy_cfg, tiny_big_vision_npz, tmp_path / "full").run()]
     out = tmp_path / "killed"
-    first = _trainer(toy_cfg, tiny_big_vision_npz, out).run(stop_at_step=3)  # last checkpoint: step 2
+    first = []
+    with pytest.raises(Crash):  # after step 3; the last checkpoint is the one after step 2
+        _trainer(toy_cfg, tiny_big_vision_npz, out).run(callbacks=[crash_after(3, first)])
     assert [r["step"] for r in first] == [0, 1, 2]
     with pytest.raises(UserError, match="--resume"):
         _trainer(toy_cfg, tiny_big_vision_npz, out).run()
@@ -77,6 +92,21 @@ def test_kill_and_resume_continue_identically(toy_cfg, tiny_big_vision_npz, tmp_
     assert logged == list(range(6))
     with pytest.raises(UserError, match="another config"):  # a changed recipe refuses to resume
         _trainer(toy_cfg, tiny_big_vision_npz, out, seed=1).run(resume=True)
+    assert (out / "catseg.json").exists()
+
+
+def test_stop_at_step_pauses_with_a_checkpoint(toy_cfg, tiny_big_vision_npz, tmp_path):
+    """--stop-at-step: a clean pause (checkpoint written, no export) that --resume continues."""
+    path, root = toy_cfg
+    out = tmp_path / "paused"
+    args = ["--model", str(tiny_big_vision_npz), "--config", str(path), "--out", str(out), "--data-root", str(root),
+            "--steps", "3"]
+    assert main(args + ["--stop-at-step", "1"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1  # ckpt_every 2: written for the pause
+    assert not (out / "catseg.json").exists()
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((out / "catseg.json").read_text())["train"]["steps_done"] == 3
+    assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
 def test_main_rejects_unknown_settings(tmp_path, tiny_big_vision_npz):

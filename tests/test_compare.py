@@ -106,8 +106,8 @@ def test_moved_metric_fails_and_prints_the_row(baseline, capsys):
     assert call(compare, "--records", str(RECORDS), "--baseline", str(baseline)) == 1
     out = capsys.readouterr().out
     assert "1 of 35 metrics failed" in out
-    line = next(line for line in out.splitlines() if line.strip().startswith("MOVED"))
-    assert line.split()[:9] == ["MOVED", "silc-c-b16", "zs-seg", "ade150", "mIoU", "20.500", "19.253", "-1.247", "0.500"]
+    line = next(line for line in out.splitlines() if line.strip().startswith("WORSE"))
+    assert line.split()[:9] == ["WORSE", "silc-c-b16", "zs-seg", "ade150", "mIoU", "20.500", "19.253", "-1.247", "0.500"]
 
 
 def test_move_within_tolerance_passes(baseline, capsys):
@@ -115,7 +115,24 @@ def test_move_within_tolerance_passes(baseline, capsys):
     edit(baseline, "siglip-b16-256", "pc59", "mIoU", value=22.24)  # exactly 0.5 away: within
     assert call(compare, "--records", str(RECORDS), "--baseline", str(baseline)) == 0
     assert call(compare, "--records", str(RECORDS), "--baseline", str(baseline), "--tolerance", "0.2") == 1
-    assert "MOVED" in capsys.readouterr().out
+    assert "WORSE" in capsys.readouterr().out
+
+
+def test_direction_follows_higher_is_better(baseline, capsys):
+    edit(baseline, "silc-c-b16", "ade150", "mIoU", value=18.0)  # current 19.25 is higher: better, not worse
+    assert call(compare, "--records", str(RECORDS), "--baseline", str(baseline)) == 1
+    assert any(line.strip().startswith("BETTER") for line in capsys.readouterr().out.splitlines())
+    assert call(compare, "--records", str(RECORDS), "--baseline", str(baseline), "--allow-better") == 0
+    edit(baseline, "silc-c-b16", "ade150", "mIoU", value=20.5)  # worse still fails with --allow-better
+    assert call(compare, "--records", str(RECORDS), "--baseline", str(baseline), "--allow-better") == 1
+
+
+def test_a_lower_is_better_metric_is_worse_when_it_rises():
+    from silc_bench.results.compare import Check
+
+    up = Check(("m", "t", "d", "loss"), 1.0, 2.0, 0.1, "line 2", higher_is_better=False, allow_better=True)
+    down = Check(("m", "t", "d", "loss"), 1.0, 0.5, 0.1, "line 2", higher_is_better=False, allow_better=True)
+    assert (up.status, down.status) == ("WORSE", "ok")
 
 
 def test_missing_record_fails_clearly(baseline, tmp_path, capsys):

@@ -271,7 +271,8 @@ def test_yaml_entries_are_complete():
 
 
 # ---------------------------------------------------------------------- class names
-REF = Path("/work/shared/reference/classnames")
+# Vendored copies of CAT-Seg's datasets/*.json and SCLIP's configs/cls_*.txt (see its README.md).
+REF = Path(__file__).resolve().parent / "fixtures" / "reference_classnames"
 REF_FILES = {  # ours -> (CAT-Seg json, SCLIP txt)
     "ade150": ("ade150.json", "cls_ade20k.txt"), "pc59": ("pc59.json", "cls_context59.txt"),
     "voc20": ("voc20.json", "cls_voc20.txt"), "cocostuff171": ("coco.json", "cls_coco_stuff.txt"),
@@ -296,7 +297,6 @@ def test_classname_files_format(name):
     assert len(set(firsts)) == len(firsts), "first names are unique"
 
 
-@pytest.mark.skipif(not REF.is_dir(), reason="reference class lists (/work/shared/reference/classnames) not present")
 @pytest.mark.parametrize("name", DATASETS)
 def test_classnames_match_references(name):
     ours = load_classnames(CLASSNAMES_DIR / f"{name}.txt")
@@ -438,7 +438,6 @@ def test_catseg_yaml_entries_and_classnames():
         assert "keys_from" not in entries[zs] and "query_classnames" not in entries[zs]
 
 
-@pytest.mark.skipif(not REF.is_dir(), reason="reference class lists (/work/shared/reference/classnames) not present")
 @pytest.mark.parametrize("ours,ref", list(CATSEG_NAMES.items()))
 def test_catseg_classnames_equal_catseg_json(ours, ref):
     text = (CLASSNAMES_DIR / ours).read_text(encoding="utf-8")

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from silc_bench import registry, runner
+from silc_bench import checkpoints, registry, runner
 from silc_bench.data.fixtures import class_colour, write_pc459, write_segmentation_fixture
 from silc_bench.errors import UserError
 from silc_bench.harness import ov_seg
+
+OV_SEG = ov_seg.OpenVocabSegmentation(registry.task_spec("ov-seg"))  # the harness, given its whole spec
 from silc_bench.metrics.segmentation import SegmentationMetric
 from silc_bench.models.base import Preprocess
 from silc_bench.results.record import read_record
@@ -63,7 +65,7 @@ class FakeCatSeg(nn.Module):
 
 
 def write_column(name, root, **kw):
-    entry = ov_seg.dataset_entries(name)[kw.pop("entry", 0)]
+    entry = ov_seg.dataset_entries(name, OV_SEG.task["dataset_entries"])[kw.pop("entry", 0)]
     write_segmentation_fixture(entry, root, **{"num_images": 2, "size": (20, 28), "seed": 3, **kw})
     return entry
 
@@ -74,7 +76,7 @@ def write_column(name, root, **kw):
 def test_runner_writes_valid_records_on_each_layout(name, entry, tmp_path, monkeypatch):
     used = write_column(name, tmp_path / "data", entry=entry)
     fake = FakeCatSeg(labels=registry.dataset_entry(used).get("query_to_label"))
-    monkeypatch.setitem(runner.MODEL_LOADERS, "catseg", lambda *a, **k: fake)
+    monkeypatch.setitem(checkpoints.MODEL_LOADERS, "catseg", lambda *a, **k: fake)
     opts = runner.RunOptions(data_root=str(tmp_path / "data"), out_dir=tmp_path / "out", protocol_overrides=SMALL,
                              progress=False, cache=False, batch_size=5, shard_size=1)
     with warnings.catch_warnings():
@@ -118,7 +120,7 @@ def score(dataset, model=None, protocol=IDENTITY):
 
 def test_voc21_extra_names_map_to_background(tmp_path):
     write_column("voc21", tmp_path, num_images=1, size=(4, 4))
-    base = ov_seg.open_dataset("voc21", tmp_path, limit=1)
+    base = OV_SEG.open_dataset("voc21", tmp_path, limit=1)
     # VOC-21 labels: 0 background, 1 aeroplane, 15 person, 255 border
     label = [[0, 0, 15, 15], [0, 255, 15, 1], [1, 1, 0, 0], [255, 0, 0, 15]]
     # voc20b queries: 0 aeroplane (-> 1), 3 boat (-> 4), 14 person (-> 15), 20..58 other PC-59 names (-> 0)
@@ -138,7 +140,7 @@ def test_pc459_ignores_unlabelled_and_catseg_ignore_label(tmp_path):
     write_pc459(tmp_path, [np.zeros((4, 4, 3), np.uint8)], [label])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base = ov_seg.open_dataset("pc459", tmp_path)
+        base = OV_SEG.open_dataset("pc459", tmp_path)
     read = base[0]["label"]
     assert read[2, 0] == 65535 and read[1, 1] == 65535 and read[1, 3] == 458
     queries = [[0, 1, 1, 1], [0, 300, 1, 458], [458, 3, 2, 3], [400, 0, 2, 400]]
@@ -240,10 +242,10 @@ def test_combine_views_per_pixel_prediction_equals_reference():
 # ---------------------------------------------------------------------- bad input
 def test_missing_dataset_names_folders_and_preparation(tmp_path):
     with pytest.raises(UserError) as e:
-        ov_seg.open_dataset("pc459", tmp_path)
+        OV_SEG.open_dataset("pc459", tmp_path)
     assert str(tmp_path / "VOCdevkit/VOC2010") in str(e.value) and "prepare_pascal_context_459.py" in str(e.value)
     with pytest.raises(UserError) as e:  # pc59: neither CAT-Seg's nor mmseg's layout
-        ov_seg.open_dataset("pc59", tmp_path)
+        OV_SEG.open_dataset("pc59", tmp_path)
     msg = str(e.value)
     assert "prepare_pascal_context_59.py" in msg and str(tmp_path / "VOCdevkit/VOC2010/SegmentationClassContext") in msg
 
@@ -252,7 +254,7 @@ def test_corrupt_image_in_evaluation_names_the_file(tmp_path):
     write_column("ade847", tmp_path, num_images=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = ov_seg.open_dataset("ade847", tmp_path)
+        ds = OV_SEG.open_dataset("ade847", tmp_path)
     victim = ds.samples[1].image
     victim.write_bytes(b"not a jpeg" * 8)
     model = FakeCatSeg()
@@ -262,7 +264,7 @@ def test_corrupt_image_in_evaluation_names_the_file(tmp_path):
 
 def test_out_of_range_label_in_evaluation_names_the_file(tmp_path):
     write_column("ade847", tmp_path, num_images=1)
-    ds = ov_seg.open_dataset("ade847", tmp_path, limit=1)
+    ds = OV_SEG.open_dataset("ade847", tmp_path, limit=1)
     raw = np.asarray(Image.open(ds.samples[0].label)).copy()
     raw[0, 0] = 847
     Image.fromarray(raw).save(ds.samples[0].label)
@@ -274,7 +276,7 @@ def test_out_of_range_label_in_evaluation_names_the_file(tmp_path):
 
 def test_bad_protocol_and_vocabulary(tmp_path):
     write_column("voc21", tmp_path, num_images=1)
-    ds = ov_seg.open_dataset("voc21", tmp_path, limit=1)
+    ds = OV_SEG.open_dataset("voc21", tmp_path, limit=1)
     with pytest.raises(UserError, match="ov-seg.yaml"):
         ov_seg.setup(FakeCatSeg(), ds, dict(SMALL, stride=10), "cpu")  # (40 - 24) % 10: pixels uncovered
     with pytest.raises(UserError, match="sigmoid"):
@@ -294,7 +296,7 @@ def test_real_catseg_on_a_tiny_backbone(tiny_big_vision_npz, tmp_path):
 
     catseg = CatSeg(load_big_vision(tiny_big_vision_npz), {"crop_size": 32}).eval()
     write_column("voc21", tmp_path, num_images=1, size=(30, 40))
-    ds = ov_seg.open_dataset("voc21", tmp_path, limit=1)
+    ds = OV_SEG.open_dataset("voc21", tmp_path, limit=1)
     protocol = {"resize_short": 40, "resize_max": 80, "out_res": 48, "crop": 32, "stride": 16, "global_view": True}
     prepared = ov_seg.setup(catseg, ds, protocol, "cpu")
     assert prepared.details["class_input"] == "embeddings" and prepared.classes.shape[0] == 59

@@ -1,10 +1,38 @@
-"""Small pieces of the toy demos: seen/unseen means and per-task dataset protocol overrides."""
+"""Small pieces of the toy experiments (experiments/*.py): seen/unseen means, the seed summary, and
+per-task dataset protocol overrides; the experiments run from a checkout as plain scripts."""
+import importlib.util
 import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from silc_bench import registry
-from silc_bench.catseg.toy_demo import seen_unseen
-from silc_bench.pretrain.toy_seeds import summarise
 from silc_bench.runner import protocol_for
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _experiment(name: str):
+    """An experiments/ script as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+seen_unseen = _experiment("catseg_toy_demo").seen_unseen
+summarise = _experiment("toy_seeds").summarise
+
+
+@pytest.mark.parametrize("script", ["toy_seeds.py", "catseg_toy_demo.py"])
+def test_experiments_run_as_scripts(script, tmp_path):
+    """`python experiments/X.py --help` works from any folder, as a plain script (no `-m`)."""
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / script), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"experiments/{script}" in proc.stdout
 
 
 def test_seen_unseen_means_skip_absent_classes():

@@ -76,9 +76,20 @@ def runs(configs, tmp_path_factory):
 
 def test_kill_and_resume_reproduce_the_uninterrupted_run(configs, runs, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "silc_bench.pretrain.trainer", "--config", str(configs["silc-c"]), "--out", str(out)]
-    # SIGKILL after step 5 finished; the last checkpoint is the one after step 4 (ckpt_every 2)
-    proc = subprocess.run(cmd + ["--kill-at-step", "5"], env=_env(), capture_output=True, text=True, timeout=120)
+    # A hard preemption: SIGKILL after step 5 finished, from a callback of the loop; the last
+    # checkpoint is the one after step 4 (ckpt_every 2), and step 4 is already in the log.
+    script = tmp_path / "kill.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal
+        from silc_bench.pretrain.trainer import Trainer, load_config
+
+        def kill_after_step_5(done, stats):
+            if done == 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        Trainer(load_config({str(configs["silc-c"])!r}), {str(out)!r}).run(callbacks=[kill_after_step_5])
+    """))
+    proc = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
     assert not (out / "model.npz").exists()
@@ -94,14 +105,28 @@ def test_kill_and_resume_reproduce_the_uninterrupted_run(configs, runs, tmp_path
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=k)
 
 
+def test_stop_at_step_pauses_and_resume_finishes_the_same_run(configs, runs, tmp_path):
+    out = tmp_path / "paused"
+    assert main(["--config", str(configs["clip"]), "--out", str(out), "--stop-at-step", "3"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3  # written at the pause
+    assert not (out / "model.npz").exists()
+    with pytest.raises(UserError, match="stop-at-step 2 is not after step 3"):
+        main(["--config", str(configs["clip"]), "--out", str(out), "--resume", "--stop-at-step", "2"])
+    assert main(["--config", str(configs["clip"]), "--out", str(out), "--resume"]) == 0
+    ref, got = _losses(runs["clip"]), _losses(out)
+    assert [s for s, _ in got] == list(range(STEPS))
+    np.testing.assert_allclose([x for _, x in got], [x for _, x in ref], rtol=0, atol=1e-6)
+
+
 def test_two_processes_match_one(configs, runs, tmp_path):
     """torchrun, 2 gloo processes with half the batch each: softmax (silc-c) and sigmoid (silc-s)."""
     script = tmp_path / "two.py"
     script.write_text(textwrap.dedent(f"""
-        from silc_bench.pretrain.trainer import Trainer, load_config, setup_distributed
-        setup_distributed()
-        for v, cfg in {json.dumps({v: str(configs[v]) for v in ("silc-c", "silc-s")})}.items():
-            Trainer(load_config(cfg), {str(tmp_path)!r} + "/" + v).run()
+        from silc_bench.pretrain.trainer import Trainer, load_config
+        from silc_bench.training.runtime import distributed
+        with distributed():
+            for v, cfg in {json.dumps({v: str(configs[v]) for v in ("silc-c", "silc-s")})}.items():
+                Trainer(load_config(cfg), {str(tmp_path)!r} + "/" + v).run()
     """))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
@@ -171,8 +196,40 @@ def _plain(cfg):
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_ROWS))
-def test_paper_configs_spell_out_the_defaults(name):
+def test_paper_configs_are_the_defaults_with_their_variant(name):
+    """The paper's settings are stated once (settings.py): a paper recipe names only its variant."""
+    assert set(yaml.safe_load(_config_file(name).read_text())) == {"variant"}
     assert _plain(load_config(_config_file(name))) == _plain(load_config(None, {"variant": PAPER_ROWS[name]}))
+
+
+def test_every_default_comes_from_settings():
+    import inspect
+
+    from silc_bench.pretrain import objectives as obj
+    from silc_bench.pretrain import settings
+    from silc_bench.pretrain.multicrop import MultiCropConfig
+    from silc_bench.pretrain.trainer import OVERRIDES, build_parser
+
+    d = settings.defaults()
+    cfg = _plain(load_config(None))
+    assert {k: v for k, v in cfg.items() if k != "objective"} == {k: v for k, v in d.items() if k != "objective"}
+    # the command line overrides a recipe only when given, and its help shows the default it overrides
+    actions = {a.dest: a for a in build_parser()._actions}
+    for option, (section, key) in OVERRIDES.items():
+        assert actions[option].default is None
+        assert f"default: {d[section][key]})" in actions[option].help
+    # the dataclasses the trainer hands the settings to have the same defaults
+    assert MultiCropConfig.from_dict(d["multicrop"]) == MultiCropConfig()
+    assert (obj.TEACHER_TEMP, obj.STUDENT_TEMP, obj.CENTER_MOMENTUM, obj.EMA_MOMENTUM) == (
+        d["distill"]["teacher_temp"], d["distill"]["student_temp"], d["distill"]["center_momentum"], d["ema_momentum"])
+    head = inspect.signature(obj.DistillHead).parameters
+    assert {k: head[k].default for k in ("out_dim", "hidden", "bottleneck", "layers")} == {
+        k: d["distill"][k] for k in ("out_dim", "hidden", "bottleneck", "layers")}
+
+
+def test_print_config_shows_every_setting(capsys):
+    assert main(["--config", str(_config_file("silc_c")), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == _plain(load_config(_config_file("silc_c")))
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_ROWS))

@@ -1,14 +1,8 @@
 """CAT-Seg (cost aggregation for open-vocabulary segmentation) over any silc-bench backbone.
 
-`CatSeg` / `CatSegConfig` (model.py), the trainer `main` (train.py), `load_catseg` (train.py).
+`CatSeg` / `CatSegConfig` (model.py), the trainer (train.py). A trained CAT-Seg's files and their
+loader (`load_catseg`, `load_catseg_model`): silc_bench.checkpoints.catseg.
 """
 from silc_bench.catseg.model import CatSeg, CatSegConfig
 
-__all__ = ["CatSeg", "CatSegConfig", "load_catseg"]
-
-
-def load_catseg(path, **kwargs):
-    """A trained CAT-Seg from its checkpoint (see `silc_bench.catseg.train.load_catseg`)."""
-    from silc_bench.catseg.train import load_catseg as _load
-
-    return _load(path, **kwargs)
+__all__ = ["CatSeg", "CatSegConfig"]

@@ -1,6 +1,8 @@
 """CAT-Seg (Cho et al., CVPR 2024) over any `VisionLanguageModel`: cost aggregation for
-open-vocabulary segmentation, in plain PyTorch. Architecture facts from KU-CVLAB/CAT-Seg (6d3a188);
-the code is ours. PROTOCOLS.md section 5 lists what SILC's Table 3 needs.
+open-vocabulary segmentation, in plain PyTorch. Architecture facts from KU-CVLAB/CAT-Seg (6d3a188:
+cat_seg/modeling/transformer/model.py, cat_seg_predictor.py, configs/vitb_384.yaml); the code is
+ours. SILC's Table 3 used the early CAT-Seg (arXiv:2303.11797 v1/v2): SILC's CLIP-B/16 row
+(arXiv:2310.13355, Table 3) equals that version's; `version: early` (PRESETS) selects it.
 
 cost volume: cosine(dense patch embeddings, class text embeddings), [B, P, C, h, w] (P = 1: the
   templates' embeddings are averaged first; P = #templates with cost_templates="channels", as the
@@ -91,9 +93,11 @@ class CatSegConfig:
         return list(self.templates)
 
 
-# The early CAT-Seg (PROTOCOLS section 5): frozen text encoder, CLIP's 80 ImageNet templates
-# (= CAT-Seg's IMAGENET_TEMPLATES) as 80 cost channels, image attention + position embedding
-# fine-tuned. Its extra ImageNet ResNet-101 guidance backbone is not implemented.
+# The early CAT-Seg (arXiv:2303.11797 v1/v2; KU-CVLAB/CAT-Seg's first release, configs/vitb_r101_384.yaml:
+# PROMPT_ENSEMBLE_TYPE "imagenet", CLIP_FINETUNE "attention", a ResNet-101 guidance backbone): frozen
+# text encoder, CLIP's 80 ImageNet templates (= cat_seg/third_party/imagenet_templates.py
+# IMAGENET_TEMPLATES) as 80 cost channels, image attention + position embedding fine-tuned. Its
+# extra ImageNet ResNet-101 guidance backbone is not implemented.
 PRESETS = {
     "cvpr": {},
     "early": dict(version="early", templates="openai_imagenet_80", text_encoder="frozen",

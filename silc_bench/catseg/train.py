@@ -1,4 +1,4 @@
-"""CAT-Seg training (plain PyTorch; DDP under torchrun) and the trained-model file format.
+"""CAT-Seg training (plain PyTorch; DDP under torchrun).
 
     silc-bench train cat-seg --model SPEC --config configs/cat_seg/vitb_384.yaml --out DIR [--resume]
     torchrun --nproc_per_node 4 -m silc_bench.catseg.train --model SPEC --config ... --out DIR
@@ -16,19 +16,16 @@ Data: any map-style dataset of {"image": uint8 [3, H, W], "label": int64 [H, W]}
 p = step * batch + i -> a seeded per-epoch permutation; crop and flip seeded by (seed, p), so a
 resumed run repeats the uninterrupted one exactly and a step's batch does not depend on the
 number of processes. Outputs in --out: config.json, log.jsonl, checkpoint.pt (atomic: trainable
-weights, optimizer, step, RNG), and at the end catseg.safetensors + catseg.json (`load_catseg`).
+weights, optimizer, step, RNG), and at the end catseg.safetensors + catseg.json (the format and
+its loader: silc_bench.checkpoints.catseg). Device, precision, processes, resume and the step
+loop: silc_bench.training.runtime.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import json
 import math
-import os
-import signal
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from silc_bench.catseg.model import CatSeg, CatSegConfig
+from silc_bench.checkpoints.catseg import META_FILE, portable_spec, save_catseg
 from silc_bench.errors import UserError
 from silc_bench.recipes import merge_settings, read_recipe, run_main
-from silc_bench.pretrain.trainer import (_precision, _truncate_log, loop_state, restore_loop_state, save_atomic,
-                                         setup_distributed)
-from silc_bench.results.record import atomic_write_bytes, atomic_write_text
+from silc_bench.training import runtime as rt
 
-FORMAT = "silc-bench-catseg"
-WEIGHTS_FILE, META_FILE = "catseg.safetensors", "catseg.json"
 IGNORE = 255
 
 DEFAULTS = {
@@ -68,7 +62,7 @@ _RUNTIME = ("ckpt_every", "log_every", "device", "workers", "threads")  # may ch
 # ---------------------------------------------------------------------------------- config
 def _merge(base: dict, over: dict, path) -> dict:
     # `model` is taken whole: CatSegConfig checks its keys.
-    return merge_settings(base, over, path, what="CAT-Seg training", defaults_at="silc_bench/catseg/train.py",
+    return merge_settings(base, over, path, what="CAT-Seg training", defaults_at="silc_bench/catseg/train.py DEFAULTS",
                           replaced_sections=("model",))
 
 
@@ -235,27 +229,20 @@ class Trainer:
                  backbone=None, dataset=None, classnames=None):
         """`backbone`/`dataset`+`classnames` may be given directly (tests); else built from spec/config."""
         self.cfg, self.out = cfg, Path(out_dir)
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank, self.world = rt.rank_world()
+        self.folder = rt.RunFolder(self.out, self.rank)
         tr = cfg["train"]
-        dev = tr["device"]
-        if dev == "auto":
-            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(dev)
-        if tr["threads"]:  # CPU intra-op threads (shared small machines: 1 avoids contention stalls)
-            torch.set_num_threads(int(tr["threads"]))
-        self.amp_dtype = _precision(cfg, self.device)
+        self.device = rt.choose_device(tr["device"])
+        rt.set_threads(tr["threads"])
+        self.amp_dtype = rt.autocast_dtype(tr["precision"], self.device, path=cfg.get("_config_path"))
         self.batch, self.total_steps, self.seed = int(tr["batch_size"]), int(tr["steps"]), int(tr["seed"])
-        if self.batch % self.world:
-            raise UserError(f"batch_size {self.batch} is not divisible by {self.world} processes",
-                            fix="choose a batch size that is a multiple of the number of processes")
-        self.local_batch = self.batch // self.world
+        self.local_batch = rt.local_batch_size(self.batch, self.world)
 
         if backbone is None:
             from silc_bench.checkpoints import load_model
 
             backbone = load_model(model_spec, checkpoint_dir=checkpoint_dir, device=self.device)
-        self.spec = _spec_for_record(model_spec)
+        self.spec = portable_spec(model_spec)
         self.backbone_sha = backbone.provenance.get("sha256")
         torch.manual_seed(self.seed)  # head init
         self.model = CatSeg(backbone.to(self.device), cfg["model"])
@@ -269,15 +256,10 @@ class Trainer:
         op = cfg["optim"]
         self.opt = torch.optim.AdamW(param_groups(self.model, op), lr=op["lr"], betas=tuple(op["betas"]), eps=op["eps"])
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.ddp = self.model
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            # static_graph: the same parameters go unused every step (a MaskCLIP dense path never
-            # uses the last image block's q), which DDP then handles without a per-step graph search.
-            self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                           static_graph=True)
+        self.scaler = rt.grad_scaler(self.amp_dtype)
+        # static_graph: the same parameters go unused every step (a MaskCLIP dense path never uses
+        # the last image block's q), which DDP then handles without a per-step graph search.
+        self.ddp = rt.wrap_ddp(self.model, self.device, self.world, static_graph=True)
         self.text = None  # frozen text encoder: the class embeddings, computed once
         if not self.model.text_trainable:
             with torch.no_grad():
@@ -294,103 +276,63 @@ class Trainer:
                                            pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     # ---- one step
-    def train_step(self, step: int, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    def train_step(self, step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> dict:
+        """One optimizer step on a local batch (images float [n, 3, S, S] in [0, 1], labels [n, S, S])."""
         op = self.cfg["optim"]
         lr = cosine_lr(step, self.total_steps, op["lr"], op["warmup_steps"])
         for g in self.opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
+        images, labels = batch
         images = self.model.backbone.preprocess.normalize(images.to(self.device, non_blocking=True))
         labels = labels.to(self.device, non_blocking=True)
         self.model.train()
-        ctx = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-               else torch.autocast(self.device.type, enabled=False))
-        with ctx:
+        with rt.autocast(self.device, self.amp_dtype):
             logits = self.ddp(images, self.text if self.text is not None else self.classnames)
         loss = bce_loss(logits, labels)
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.opt)
-        else:
-            loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, op["grad_clip"] or float("inf"))
-        if self.scaler:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
-        stat = loss.detach().float().reshape(1)
-        if self.world > 1:
-            dist.all_reduce(stat)
-            stat /= self.world
+        gnorm = rt.optimizer_step(loss, self.opt, self.scaler, self.params, op["grad_clip"])
+        stat = rt.mean_over_processes(loss.detach().float().reshape(1), self.world)
         return {"loss": float(stat), "lr": lr, "grad_norm": float(gnorm)}
 
     # ---- checkpoints
     @property
     def ckpt_path(self) -> Path:
-        return self.out / "checkpoint.pt"
+        return self.folder.checkpoint
 
     def _identity(self) -> dict:
-        return {"config": _public(self.cfg), "spec": self.spec, "backbone_sha256": self.backbone_sha}
+        return {"config": rt.public(self.cfg), "spec": self.spec, "backbone_sha256": self.backbone_sha}
 
     def save_checkpoint(self) -> None:
         if self.rank != 0:
             return
-        state = {"step": self.step, "trainable": self.model.trainable_state(), **loop_state(self.opt, self.scaler),
+        state = {"step": self.step, "trainable": self.model.trainable_state(), **rt.loop_state(self.opt, self.scaler),
                  "identity": json.dumps(self._identity(), sort_keys=True)}
-        save_atomic(state, self.ckpt_path)
+        rt.save_atomic(state, self.ckpt_path)
 
     def load_checkpoint(self, path: Path) -> None:
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read the CAT-Seg training checkpoint ({e})", path=path,
-                            fix="delete it to start over, or point --out at the run to resume") from e
-        if _strip(json.loads(state["identity"])) != _strip(json.loads(json.dumps(self._identity(), sort_keys=True))):
+        state = rt.read_checkpoint(path, device=self.device, what="CAT-Seg training")
+        same = rt.same_settings(state["identity"], self._identity(), section=("config", "train"), runtime_keys=_RUNTIME)
+        if not same:
             raise UserError("the checkpoint was written with another config, backbone or steps", path=path,
                             fix="resume with the same --model and config, or use a new --out")
         self.model.load_trainable_state(state["trainable"], source=path)
-        restore_loop_state(state, self.opt, self.scaler)
+        rt.restore_loop_state(state, self.opt, self.scaler)
         self.step = int(state["step"])
 
     # ---- the loop
-    def run(self, resume: bool = False, stop_at_step: int | None = None, kill_at_step: int | None = None) -> list[dict]:
-        """Train to the end (or return after `stop_at_step` steps without saving: a simulated kill)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.ckpt_path.exists():
-            if not resume:
-                raise UserError("this output folder already holds a CAT-Seg training checkpoint", path=self.ckpt_path,
-                                fix="pass --resume to continue it, or choose another --out")
-            self.load_checkpoint(self.ckpt_path)
-        log_path = self.out / "log.jsonl"
-        if self.rank == 0:
-            (self.out / "config.json").write_text(json.dumps(self._identity(), indent=1))
-            _truncate_log(log_path, self.step)
-        tr, records = self.cfg["train"], []
-        log = open(log_path, "a") if self.rank == 0 else None
-        try:
-            tick = time.perf_counter()
-            for step, (images, labels) in zip(range(self.step, self.total_steps), self.loader(self.step)):
-                stats = self.train_step(step, images, labels)
-                self.step = step + 1
-                now = time.perf_counter()
-                stats = {"step": step, **stats, "seconds": now - tick}
-                tick = now
-                records.append(stats)
-                if log and (step % tr["log_every"] == 0 or self.step == self.total_steps):
-                    log.write(json.dumps(stats) + "\n")
-                    log.flush()
-                    print(f"step {step}: loss {stats['loss']:.4f} lr {stats['lr']:.2e}", flush=True)
-                if self.step % tr["ckpt_every"] == 0 or self.step == self.total_steps:
-                    self.save_checkpoint()
-                if kill_at_step is not None and self.step == kill_at_step:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if stop_at_step is not None and self.step == stop_at_step:
-                    return records
-        finally:
-            if log:
-                log.close()
-        if self.rank == 0:
+    def run(self, resume: bool = False, *, stop_at_step: int | None = None, callbacks=()) -> list[dict]:
+        """Train to the end and export; -> the statistics of the steps run. `stop_at_step`: pause
+        there with a checkpoint written, no export; `callbacks`: callback(steps_done, stats) after
+        each step (see runtime.run_steps)."""
+        ckpt = self.folder.resume_from(resume, "CAT-Seg training")
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+        self.folder.start(self._identity(), self.step)
+        tr = self.cfg["train"]
+        batches = zip(range(self.step, self.total_steps), self.loader(self.step))
+        records = rt.run_steps(self, batches, self.folder, log_every=tr["log_every"], ckpt_every=tr["ckpt_every"],
+                               line=lambda st: f"step {st['step']}: loss {st['loss']:.4f} lr {st['lr']:.2e}",
+                               stop_at_step=stop_at_step, callbacks=callbacks)
+        if self.step == self.total_steps and self.rank == 0:
             self.export()
         if self.world > 1:
             dist.barrier()
@@ -398,105 +340,30 @@ class Trainer:
 
     def export(self) -> Path:
         return save_catseg(self.model, self.out, spec=self.spec, backbone_sha256=self.backbone_sha,
-                           train={**_public(self.cfg), "classes": self.classnames, "steps_done": self.step})
+                           train={**rt.public(self.cfg), "classes": self.classnames, "steps_done": self.step})
 
 
-# ---------------------------------------------------------------------------------- file format
-def save_catseg(model: CatSeg, out_dir, *, spec: str, backbone_sha256: str | None, train: dict | None = None) -> Path:
-    """Write `catseg.safetensors` (the trained tensors: head + fine-tuned backbone ones, by name)
-    and `catseg.json` (backbone spec and sha256, CAT-Seg config, description); returns the json."""
-    from safetensors.torch import save
-
-    from silc_bench.hashing import sha256_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {n: t.detach().cpu().contiguous().clone() for n, t in model.trainable_state().items()}
-    atomic_write_bytes(out / WEIGHTS_FILE, save(tensors, metadata={"format": FORMAT}))
-    meta = {"format": FORMAT, "format_version": 1, "weights": WEIGHTS_FILE,
-            "weights_sha256": sha256_file(out / WEIGHTS_FILE),
-            "backbone": {"spec": spec, "sha256": backbone_sha256, "describe": _jsonable(model.backbone.describe())},
-            "config": asdict(model.config), "catseg": _jsonable(model.describe()), "train": _jsonable(train or {})}
-    atomic_write_text(out / META_FILE, json.dumps(meta, indent=1))
-    return out / META_FILE
-
-
-def load_catseg(path, *, checkpoint_dir=None, device="cpu") -> CatSeg:
-    """A trained CAT-Seg: the backbone via `load_model(spec)`, then the trained tensors. `path`: the
-    run folder, its catseg.json or its catseg.safetensors."""
-    from safetensors.torch import load_file
-
-    from silc_bench.checkpoints import load_model
-
-    p = Path(path)
-    meta_path = p / META_FILE if p.is_dir() else (p if p.suffix == ".json" else p.with_name(META_FILE))
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the CAT-Seg description ({e})", path=meta_path,
-                        fix=f"pass the folder written by `silc-bench train cat-seg` (holding {META_FILE})") from e
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{meta_path.name} is not a CAT-Seg checkpoint description", path=meta_path,
-                        fix=f"pass the {META_FILE} written by `silc-bench train cat-seg`")
-    backbone = load_model(meta["backbone"]["spec"], checkpoint_dir=checkpoint_dir, device=device)
-    want, got = meta["backbone"].get("sha256"), backbone.provenance.get("sha256")
-    if want and got and want != got:
-        raise UserError(f"backbone {meta['backbone']['spec']!r} has sha256 {got[:12]}..., CAT-Seg was trained on "
-                        f"{want[:12]}...", path=meta_path, fix="point the spec / --checkpoint-dir at the original backbone")
-    model = CatSeg(backbone, CatSegConfig.from_dict(meta["config"]))
-    weights = meta_path.with_name(meta.get("weights", WEIGHTS_FILE))
-    try:
-        state = load_file(str(weights), device=str(device))
-    except Exception as e:
-        raise UserError(f"cannot read the CAT-Seg weights ({e})", path=weights,
-                        fix="re-export them, or restore the file written next to catseg.json") from e
-    model.load_trainable_state(state, source=weights)
-    return model.eval()
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str))
-
-
-def _public(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
-
-
-def _strip(identity: dict) -> dict:
-    identity = copy.deepcopy(identity)
-    for k in _RUNTIME:
-        identity["config"]["train"].pop(k, None)
-    return identity
-
-
-def _spec_for_record(spec: str) -> str:
-    """Relative checkpoint paths become absolute so `load_catseg` finds them from anywhere."""
-    p = Path(str(spec))
-    return str(p.resolve()) if str(spec).endswith(".npz") and p.exists() else str(spec)
-
-
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="silc-bench train cat-seg", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="backbone: registry name, .npz, open_clip:ARCH[:WEIGHTS], hf:DIR")
     ap.add_argument("--config", required=True, help="YAML recipe (configs/cat_seg/*.yaml)")
     ap.add_argument("--out", required=True, help="run folder: log, checkpoint, catseg.safetensors + catseg.json")
-    ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     ap.add_argument("--data-root", help="dataset root (else $SILC_BENCH_DATA, else ~/data)")
     ap.add_argument("--checkpoint-dir", help="where registry checkpoints live")
     ap.add_argument("--steps", type=int, help="overrides train.steps (the schedule's length)")
     ap.add_argument("--seed", type=int, help="overrides train.seed")
-    ap.add_argument("--kill-at-step", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL after this step
-    args = ap.parse_args(argv)
+    rt.add_loop_arguments(ap)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     train = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     cfg = load_config(args.config, {"train": train} if train else None)
-    setup_distributed()
-    try:
+    with rt.distributed() as (rank, _):
         trainer = Trainer(cfg, args.model, args.out, data_root=args.data_root, checkpoint_dir=args.checkpoint_dir)
-        trainer.run(resume=args.resume, kill_at_step=args.kill_at_step)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if trainer.rank == 0:
+        trainer.run(resume=args.resume, stop_at_step=args.stop_at_step)
+    if rank == 0 and trainer.step == trainer.total_steps:
         print(f"wrote {Path(args.out) / META_FILE}")
     return 0
 

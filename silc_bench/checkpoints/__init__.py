@@ -112,30 +112,22 @@ def load_model(spec: str, *, checkpoint_dir=None, tokenizer: str | dict | None =
     return model.eval()
 
 
-def load_catseg_model(spec: str, *, checkpoint_dir=None, device="cpu"):
-    """A trained CAT-Seg (the `ov-seg` task's model): a run folder, its catseg.json, or a registry
-    entry with `format: catseg`. Its provenance names the head's weights and the backbone."""
-    from silc_bench.catseg import load_catseg
-    from silc_bench.hashing import sha256_file
+# What `--model SPEC` can name, by loader: a harness asks for one by name (`Harness.model_loader`).
+# Values are "module:function" (imported on first use) or callables (tests may put a stub here).
+MODEL_LOADERS = {
+    "vlm": "silc_bench.checkpoints:load_model",
+    "catseg": "silc_bench.checkpoints.catseg:load_catseg_model",
+}
 
-    entry = None
-    path = Path(spec)
-    if not path.exists() and spec in registry.models():
-        entry = registry.model_entry(spec)
-        if entry["format"] != "catseg":
-            raise UserError(f"model {spec!r} is a {entry['format']} backbone, not a trained CAT-Seg",
-                            fix="train one with `silc-bench train cat-seg --model SPEC` and pass its output folder")
-        path = _resolve_file(entry, checkpoint_dir)
-    if not path.exists():
-        raise UserError("CAT-Seg checkpoint not found", path=path,
-                        fix="pass the folder written by `silc-bench train cat-seg` (holding catseg.json)")
-    model = load_catseg(path, checkpoint_dir=checkpoint_dir, device=device)
-    folder = path if path.is_dir() else path.parent
-    weights = folder / "catseg.safetensors"
-    model.provenance = {"spec": spec, "format": "catseg", "path": str(folder),
-                        "sha256": sha256_file(weights) if weights.exists() else None}
-    if entry is not None:
-        model.provenance["registry_name"] = spec
-        if entry.get("paper_row"):
-            model.provenance["paper_row"] = entry["paper_row"]
-    return model.eval()
+
+def get_loader(name: str):
+    """The loader registered as `name` in MODEL_LOADERS."""
+    import importlib
+
+    if name not in MODEL_LOADERS:
+        raise UserError(f"unknown model loader {name!r}", fix=f"use one of: {', '.join(sorted(MODEL_LOADERS))}")
+    loader = MODEL_LOADERS[name]
+    if isinstance(loader, str):
+        module, _, func = loader.partition(":")
+        loader = getattr(importlib.import_module(module), func)
+    return loader

@@ -1,7 +1,9 @@
 """big_vision two-tower `.npz` checkpoints (SigLIP; SILC releases): read, infer, convert, write.
 
-Facts (PROTOCOLS.md section 2): flat `/`-joined keys, optionally prefixed `params/`; "scan" layout
-stacks blocks as `.../encoderblock/...` with a leading depth axis; bfloat16 is stored as void `V2`.
+Facts (from google-research/big_vision `big_vision/models/vit.py`, `models/proj/image_text/two_towers.py`,
+`utils.py`, and open_clip `src/open_clip/convert.py`): flat `/`-joined keys, optionally prefixed
+`params/`; "scan" layout stacks blocks as `.../encoderblock/...` with a leading depth axis; bfloat16
+is stored as void `V2`.
 Every conversion is strict: a missing or mis-shaped key is a UserError naming key and file.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from silc_bench.models.base import Tokenizer
 from silc_bench.models.text import TextConfig
 from silc_bench.models.two_tower import BigVisionModel, TwoTower, TwoTowerConfig
 from silc_bench.models.vit import POSEMB_RESAMPLE_MODES, ViTConfig
+from silc_bench.results.record import default_file_mode
 
 PREFIX = "params/"
 _BLOCK = re.compile(r"^(.*/)?encoderblock_(\d+)/(.*)$")
@@ -31,6 +34,26 @@ _FIX_REEXPORT = "pass a complete big_vision two-tower checkpoint (img/, txt/, t)
 
 
 # ---------------------------------------------------------------- reading and writing arrays
+
+_FIX_NOT_NPZ = ("pass a big_vision .npz checkpoint as released (a zip archive of .npy arrays); if the file is "
+                "truncated or damaged, download it again; a torch/open_clip checkpoint loads as "
+                "open_clip:ARCH:FILE, a transformers directory as hf:DIR")
+
+
+def _not_npz_reason(path: Path) -> str:
+    """Why a file that is not a zip archive cannot be a .npz, from its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"\x93NUMPY"):
+        return "it is a single .npy array, not an archive of named arrays"
+    if head.startswith(b"PK"):
+        return "it starts like a zip archive but is truncated or damaged (no zip directory at its end)"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "it is a Python pickle (pickles are never loaded: they can run code)"
+    return f"it does not start with a zip header (first bytes: {head.hex()})"
+
 
 def _bf16_to_f32(a: np.ndarray) -> np.ndarray:
     """bfloat16 bits (any 2-byte dtype) -> float32, exactly (bf16 is the top half of an f32)."""
@@ -49,12 +72,18 @@ def read_npz(path: str | Path, *, info: dict | None = None) -> dict[str, np.ndar
     path = Path(path)
     if not path.is_file():
         raise UserError("checkpoint file not found", path=path, fix="check the path of the big_vision .npz")
+    if not zipfile.is_zipfile(path):
+        # np.load would take anything that is neither zip nor .npy for a pickle and suggest unpickling it.
+        raise UserError(f"{path.name} is not a valid .npz (zip) checkpoint: {_not_npz_reason(path)}", path=path,
+                        fix=_FIX_NOT_NPZ)
     try:
         npz = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise UserError(f"not a readable .npz file ({e})", path=path, fix="pass a big_vision .npz checkpoint") from e
+        raise UserError(f"{path.name} is not a valid .npz (zip) checkpoint: the zip archive is damaged "
+                        f"({type(e).__name__})", path=path, fix=_FIX_NOT_NPZ) from e
     if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise UserError("not an .npz archive (a single .npy array?)", path=path, fix="pass a big_vision .npz checkpoint")
+        raise UserError(f"{path.name} is not a valid .npz (zip) checkpoint (a single .npy array?)", path=path,
+                        fix=_FIX_NOT_NPZ)
     with npz:
         keys = list(npz.files)
         prefixed = any(k.startswith(PREFIX) for k in keys)
@@ -66,8 +95,14 @@ def read_npz(path: str | Path, *, info: dict | None = None) -> dict[str, np.ndar
             try:
                 a = npz[k]
             except ValueError as e:  # object arrays need pickle: refuse
-                raise UserError(f"array {k!r} cannot be read without pickle ({e})", path=path,
+                raise UserError(f"array {k!r} holds Python objects (pickled data), which are never loaded", path=path,
                                 fix="re-export the checkpoint with numeric arrays only") from e
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                raise UserError(f"{path.name} is not a valid .npz (zip) checkpoint: member {k!r} is damaged "
+                                f"({type(e).__name__})", path=path, fix=_FIX_NOT_NPZ) from e
+            if not isinstance(a, np.ndarray):  # a zip member that is not a .npy array (e.g. a torch .pt zip)
+                raise UserError(f"{path.name} is not a big_vision .npz checkpoint: member {k!r} is not a .npy array",
+                                path=path, fix=_FIX_NOT_NPZ)
             if a.dtype.kind == "V" and a.dtype.itemsize == 2:
                 dtypes.add("bfloat16")
                 a = _bf16_to_f32(a)
@@ -121,6 +156,7 @@ def write_npz(params: dict[str, np.ndarray], path: str | Path, layout: str = "py
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())  # as open() would, not mkstemp's 0o600
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **out)
         os.replace(tmp, path)
@@ -403,6 +439,7 @@ def save_big_vision(two_tower: TwoTower, path: str | Path, tokenizer=None, **wri
         spec = tokenizer.spec() if hasattr(tokenizer, "spec") else dict(tokenizer)
         side = sidecar_path(path)
         fd, tmp = tempfile.mkstemp(dir=side.parent, prefix=f".{side.name}.", suffix=".tmp")
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "w") as f:
             json.dump({"tokenizer": spec, "config": asdict(two_tower.config)}, f, indent=2)
         os.replace(tmp, side)

@@ -1,7 +1,8 @@
 """transformers SigLIP / CLIP `save_pretrained` directories behind the common interface.
 
 Weights load from safetensors only (`use_safetensors=True`, local files only, no remote code).
-Embeddings are `get_image_features` / `get_text_features`. Dense modes (PROTOCOLS §3):
+Embeddings are `get_image_features` / `get_text_features`. Dense modes (MAP values: the SILC paper,
+arXiv 2310.13355, "grounding emerges in the values of the MAP head"; MaskCLIP: github.com/chongzhou96/MaskCLIP):
 SigLIP "map_value" (the MAP head's value path applied to each token alone, + its MLP residual),
 "map_value_no_mlp", "tokens"; CLIP "maskclip" (last block with self-only attention) and "tokens".
 At input sizes other than the native one, position embeddings come from transformers'

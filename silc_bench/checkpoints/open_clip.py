@@ -1,4 +1,5 @@
-"""open_clip models behind the common interface, with the MaskCLIP dense path (PROTOCOLS §3).
+"""open_clip models behind the common interface, with the MaskCLIP dense path (Zhou et al., ECCV 2022,
+github.com/chongzhou96/MaskCLIP: the last block with each token attending only to itself).
 
 Embeddings come from open_clip's own `encode_image` / `encode_text(normalize=False)` at the
 native input size. Dense features (and embeddings at other input sizes) run the tower's own
@@ -182,6 +183,16 @@ class OpenClipModel(VisionLanguageModel):
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(token_ids, normalize=False)
+
+    def encode_image_pre_logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The pooled token before `proj` (open_clip ViT) or before `head` (timm towers)."""
+        if self.tower == "unsupported":
+            raise NotImplementedError(f"{self.arch}: no pre-logits for this tower")
+        tokens = self._encoder_tokens(pixels.to(self._dtype()), maskclip=False)
+        v = self.model.visual
+        if self.tower == "vit":
+            return v._pool(tokens)[0]
+        return v.trunk.forward_head(tokens)
 
     @property
     def logit_scale(self) -> float | None:
@@ -442,23 +453,49 @@ def _open_clip_tokenizer(arch: str, context_length: int | None):
                 "'local-dir:' model directory that contains them") from e
 
 
-def load_open_clip(arch: str, weights: str | Path | None = None, device: str | torch.device = "cpu") -> OpenClipModel:
+RANDOM_INIT = "random-init"  # `open_clip:ARCH:random-init`: the explicit opt-in to untrained weights
+
+
+def load_open_clip(arch: str, weights: str | Path | None = None, device: str | torch.device = "cpu",
+                   random_init: bool = False) -> OpenClipModel:
     """Build open_clip architecture `arch` and load `weights` (a local file, or an open_clip pretrained tag).
 
     Files are read by open_clip's loader with `weights_only=True` (torch.load), safetensors, or
     numpy without pickle (.npz big_vision files); nothing is unpickled. `arch` may also be
     'local-dir:/path' (config + weights in one directory), in which case `weights` is ignored.
+
+    No weights is refused: open_clip would build the architecture with random weights and every
+    number measured on it would look like a real model's. Random weights need an explicit opt-in,
+    `random_init=True` or weights="random-init" (the spec `open_clip:ARCH:random-init`); the
+    model's provenance then says `random_init: True`, and so does every record made with it.
     """
     import open_clip
 
     sha = None
     tag = None
     path = None
-    if not str(arch).startswith(("local-dir:", "hf-hub:")) and open_clip.get_model_config(str(arch).replace("/", "-")) is None:
+    own_scheme = str(arch).startswith(("local-dir:", "hf-hub:"))
+    if not own_scheme and open_clip.get_model_config(str(arch).replace("/", "-")) is None:
         raise UserError(f"unknown open_clip architecture {arch!r}",
                         fix="use a name from open_clip.list_models(), register a config JSON with "
                             "open_clip.add_model_config, or pass 'local-dir:<directory>'")
-    if weights is not None and not str(arch).startswith(("local-dir:", "hf-hub:")):
+    if weights is not None and str(weights) == RANDOM_INIT:
+        weights, random_init = None, True
+    if random_init and (weights is not None or own_scheme):
+        raise UserError(f"open_clip model {arch!r}: random initialisation was asked for together with weights "
+                        f"({weights if weights is not None else arch})",
+                        fix=f"pass either weights (open_clip:ARCH:/path/weights.pt) or open_clip:ARCH:{RANDOM_INIT}, "
+                            f"not both")
+    if weights is None and not own_scheme and not random_init:
+        tags = open_clip.list_pretrained_tags_by_model(str(arch).replace("/", "-"))
+        raise UserError(
+            f"no pretrained weights given for open_clip model {arch!r}: it would be evaluated with random "
+            f"weights and its numbers reported as if measured on a trained model",
+            fix=f"pass a weights file, open_clip:{arch}:/path/weights.pt (.pt / .bin / .safetensors), or a "
+                f"pretrained tag already in open_clip's cache, open_clip:{arch}:TAG"
+                + (f" (tags of {arch}: {', '.join(tags)})" if tags else "")
+                + f"; to evaluate random weights on purpose, pass open_clip:{arch}:{RANDOM_INIT}")
+    if weights is not None and not own_scheme:
         weights = str(weights)
         if open_clip.get_pretrained_cfg(str(arch).replace("/", "-"), weights):
             tag = weights
@@ -490,5 +527,5 @@ def load_open_clip(arch: str, weights: str | Path | None = None, device: str | t
                                                 ".safetensors or a torch state dict (loaded with weights_only)") from e
         raise UserError(msg, fix="use one of open_clip.list_models() (a registered architecture) "
                                  "or 'local-dir:<directory>'") from e
-    provenance = {"weights": str(path) if path is not None else tag, "sha256": sha}
+    provenance = {"weights": str(path) if path is not None else tag, "sha256": sha, "random_init": bool(random_init)}
     return OpenClipModel.from_module(model, str(arch), provenance=provenance)

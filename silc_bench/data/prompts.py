@@ -112,8 +112,14 @@ TCL_9 = [
 
 A_PHOTO_OF = ["a photo of a {}."]
 
+# big_vision's zero-shot classifier default, `prompt_templates="clip_paper"`: the 80 CLIP templates
+# plus the bare class name (google-research/big_vision evaluators/proj/image_text/prompt_engineering.py).
+CLIP_PAPER_81 = OPENAI_IMAGENET_80 + ["{}"]
+
 TEMPLATE_SETS: dict[str, list[str]] = {
     "openai_imagenet_80": OPENAI_IMAGENET_80,
+    "clip_paper": CLIP_PAPER_81,
+    "class_name_only": ["{}"],
     "tcl_9": TCL_9,
     "a_photo_of": A_PHOTO_OF,
 }
@@ -133,3 +139,15 @@ def prompt_set_hash(templates: list[str]) -> str:
     """sha256 of the ordered template list (order matters only for reproducibility of floats)."""
     blob = json.dumps(list(templates), ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def canonicalize_text(text: str, keep: str = "") -> str:
+    """big_vision's `prompt_engineering.canonicalize_text` rule: `_` -> space, ASCII punctuation
+    removed (except the characters in `keep`: "{}" in templates, "," in class names with
+    aliases), lowercased, whitespace collapsed and stripped. open_clip's SigLIP tokenizer applies
+    the same rule ("canonicalize")."""
+    import string
+
+    drop = "".join(c for c in string.punctuation if c not in keep)
+    text = text.replace("_", " ").translate(str.maketrans("", "", drop)).lower()
+    return " ".join(text.split())

@@ -78,6 +78,10 @@ def open_dataset(name: str, data_root: str | Path | None = None, limit: int | No
 
         root = paths.data_root(data_root) / Path(entry["root"]).parent
         if not (root / "ADEChallengeData2016").exists():
+            import sys
+
+            print(f"silc-bench: generating the toy world dataset {name!r} (first use) in {root}; to write it "
+                  f"elsewhere pass --data-root DIR or set ${paths.DATA_ENV}", file=sys.stderr, flush=True)
             toyworld.write_eval_split(root)
     return dataset_from_entry(entry, data_root, limit)
 
@@ -237,15 +241,22 @@ class SegmentationDataset(torch.utils.data.Dataset):
             raise UserError(f"dataset {self.name!r}: image {s.image} is {image.shape[1]}x{image.shape[0]} but its label "
                             f"is {label.shape[1]}x{label.shape[0]}", path=s.label,
                             fix=f"re-create the label from the release{self._prep()}")
-        label = self.map_label(label)
+        raw = label
+        label = self.map_label(raw)
         ok = ((label >= 0) & (label < self.num_classes)) | (label == self.ignore_index)
         if not ok.all():
-            bad = np.unique(label[~ok]).tolist()
+            # Report the values as stored in the file (what the user can look up), not the mapped ones.
+            bad = np.unique(raw[~ok]).tolist()
             shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
-            mapping = " after reduce_zero_label" if self.reduce_zero_label else ""
+            mapped = ""
+            if self.reduce_zero_label:
+                classes = np.unique(label[~ok]).tolist()
+                mapped = (f" (after reduce_zero_label subtracts 1: class {', '.join(map(str, classes[:10]))}"
+                          f"{' ...' if len(classes) > 10 else ''}, but the classes are 0..{self.num_classes - 1})")
             raise UserError(
-                f"dataset {self.name!r}: label values {shown} are outside 0..{self.num_classes - 1} and "
-                f"{self.ignore_index}{mapping}", path=s.label,
+                f"dataset {self.name!r}: stored label value{'s' if len(bad) > 1 else ''} {shown} in the file "
+                f"{'are' if len(bad) > 1 else 'is'} outside the valid stored values {self._valid_stored()}{mapped}",
+                path=s.label,
                 fix=f"use the label files the entry expects ({self.spec['labels']}, "
                     f"reduce_zero_label={self.reduce_zero_label}){self._prep()}")
         return {
@@ -265,6 +276,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
             raise UserError(f"dataset {self.name!r}: cannot read {what} ({type(e).__name__}: {e})", path=path,
                             fix=f"re-extract or re-create this file{self._prep()}")
+
+    def _valid_stored(self) -> str:
+        """The label values a file may hold, as stored on disk (before `map_label`)."""
+        n = self.num_classes
+        if self.reduce_zero_label:  # stored k + 1 is class k; 0 and 255 are ignored
+            text = f"1..{n} (class k stored as k + 1), 0 and 255 (ignored)"
+        else:
+            text = f"0..{n - 1} and {self.ignore_index} (ignored)"
+        if self.ignore_values:
+            text += f", {', '.join(map(str, self.ignore_values))} (ignored)"
+        return text
 
     @staticmethod
     def _label_array(im: Image.Image) -> np.ndarray:

@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from silc_bench import paths
+from silc_bench.data.loading import iterate
 from silc_bench.errors import UserError
 from silc_bench.harness.zs_seg import slide_windows
+from silc_bench.harness.base import SUMS, Harness
 from silc_bench.hashing import sha256_json
 from silc_bench.metrics.segmentation import SegmentationMetric
 
-TASK = "ov-seg"  # whose `dataset_entries` map a Table 3 column to datasets.yaml entries
 CLASS_CHUNK = 64  # classes combined at a time after the forward; any value gives the same predictions
 _REQUIRED = ("out_res", "crop", "stride", "global_view")
 # Descriptive protocol keys: the only values implemented (an override to another value is refused).
@@ -48,16 +49,14 @@ class OvSegSetup:
 
 
 # ---------------------------------------------------------------------- datasets
-def dataset_entries(name: str) -> list[str]:
-    """datasets.yaml entries that can serve column `name`, preferred first (tasks/ov-seg.yaml)."""
-    from silc_bench import registry
-
-    mapping = registry.task_spec(TASK).get("dataset_entries") or {}
-    return list(mapping.get(name) or [name])
+def dataset_entries(name: str, mapping: dict | None) -> list[str]:
+    """datasets.yaml entries that can serve column `name`, preferred first (the task spec's
+    `dataset_entries`, e.g. tasks/ov-seg.yaml)."""
+    return list((mapping or {}).get(name) or [name])
 
 
-def open_dataset(name: str, data_root, limit: int | None = None):
-    """The first entry of `dataset_entries(name)` whose label folder exists (the record keeps `name`).
+def open_dataset(name: str, data_root, limit: int | None = None, mapping: dict | None = None):
+    """The first entry of `dataset_entries(name, mapping)` whose label folder exists (the record keeps `name`).
 
     The entries of one column hold the same images and the same label values in different on-disk
     layouts (CAT-Seg's prepared files, or mmseg's), so whichever is present gives the same numbers;
@@ -68,7 +67,7 @@ def open_dataset(name: str, data_root, limit: int | None = None):
     from silc_bench.data.segmentation import split_pattern
 
     root = paths.data_root(data_root)
-    candidates = dataset_entries(name)
+    candidates = dataset_entries(name, mapping)
     expected = []
     for entry_name in candidates:
         entry = registry.dataset_entry(entry_name)
@@ -213,7 +212,7 @@ def setup(model, dataset, protocol: dict, device, cache=None) -> OvSegSetup:
         raise UserError(f"ov-seg evaluates a trained CAT-Seg model, got a {type(model).__name__}",
                         path=paths.TASKS_DIR / "ov-seg.yaml",
                         fix="pass the catseg.json written by `silc-bench train cat-seg` as --model (the task's "
-                            "model_loader: catseg loads it with silc_bench.catseg.load_catseg)")
+                            "harness loads it with the catseg model loader)")
     protocol = check_protocol(protocol)
     names, table = query_vocabulary(dataset)
     classes = names
@@ -246,10 +245,8 @@ def evaluate(model, dataset, prepared: OvSegSetup, indices, *, device, batch_siz
     """Run the protocol on `indices` of `dataset`; return the metric's mergeable state."""
     p = prepared.protocol
     metric = SegmentationMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
-    loader = torch.utils.data.DataLoader(
-        _D2Resized(dataset, indices, p.get("resize_short"), p.get("resize_max")), batch_size=None,
-        num_workers=workers, pin_memory=str(device).startswith("cuda"), prefetch_factor=4 if workers else None,
-    )
+    resized = _D2Resized(dataset, indices, p.get("resize_short"), p.get("resize_max"))
+    loader = iterate(resized, range(len(resized)), workers=workers, device=device)  # bad files: their message only
     normalize = model.backbone.preprocess.normalize
     pending: dict[int, _Pending] = {}
     queue: list[tuple[int, int, torch.Tensor]] = []  # (image id, view number, view)
@@ -312,3 +309,23 @@ def finalize(dataset, state: dict) -> tuple[dict, dict]:
     names = class_labels(dataset.classnames)
     per_class = {"IoU": dict(zip(names, result["IoU"])), "Acc": dict(zip(names, result["Acc"]))}
     return headline, per_class
+
+
+class OpenVocabSegmentation(Harness):
+    """`ov-seg` behind the task interface: `--model` names a trained CAT-Seg; the task spec's
+    `dataset_entries` say which on-disk layouts can serve each Table 3 column."""
+
+    model_loader = "catseg"
+
+    def open_dataset(self, name, data_root, limit=None):
+        return open_dataset(name, data_root, limit=limit, mapping=self.task.get("dataset_entries"))
+
+    def setup(self, model, dataset, protocol, device, cache=None):
+        return setup(model, dataset, protocol, device, cache=cache)
+
+    def evaluate(self, model, dataset, prepared, indices, *, device, batch_size=16, workers=0, progress=None):
+        return {SUMS: evaluate(model, dataset, prepared, indices, device=device, batch_size=batch_size,
+                               workers=workers, progress=progress)}
+
+    def finalize(self, dataset, merged, prepared):
+        return finalize(dataset, merged[SUMS])

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from silc_bench.data.loading import iterate
 from silc_bench.data.prompts import get_templates, prompt_set_hash
+from silc_bench.harness.base import SUMS, Harness
 from silc_bench.metrics.segmentation import SegmentationMetric
 
 
@@ -121,10 +123,7 @@ def evaluate(model, dataset, prepared: ZsSegSetup, indices, *, device, batch_siz
     """Run the protocol on `indices` of `dataset`; return the metric's mergeable state."""
     p = prepared.protocol
     metric = SegmentationMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, list(indices)), batch_size=None, num_workers=workers,
-        pin_memory=str(device).startswith("cuda"), prefetch_factor=4 if workers else None,
-    )
+    loader = iterate(dataset, indices, workers=workers, device=device)  # a bad file: its message, no worker traceback
     canvases: dict[int, _Canvas] = {}
     queues: dict[tuple[int, int], list] = defaultdict(list)  # crop shape -> [(image id, box, crop)]
 
@@ -191,3 +190,20 @@ def finalize(dataset, state: dict) -> tuple[dict, dict]:
     headline["mIoU_present"] = metric.compute_present_only()["mIoU"]
     per_class = {"IoU": dict(zip(names, result["IoU"])), "Acc": dict(zip(names, result["Acc"]))}
     return headline, per_class
+
+
+class ZeroShotSegmentation(Harness):
+    """`zs-seg` behind the task interface; the shard result is the metric's integer counts."""
+
+    def open_dataset(self, name, data_root, limit=None):
+        return open_dataset(name, data_root, limit=limit)
+
+    def setup(self, model, dataset, protocol, device, cache=None):
+        return setup(model, dataset, protocol, device, cache=cache)
+
+    def evaluate(self, model, dataset, prepared, indices, *, device, batch_size=16, workers=0, progress=None):
+        return {SUMS: evaluate(model, dataset, prepared, indices, device=device, batch_size=batch_size,
+                               workers=workers, progress=progress)}
+
+    def finalize(self, dataset, merged, prepared):
+        return finalize(dataset, merged[SUMS])

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from silc_bench.errors import UserError
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -82,6 +84,10 @@ def check_finetune_args(towers, scope) -> tuple[str, ...]:
     return towers
 
 
+class DenseModeError(UserError, ValueError):
+    """A dense mode the model does not offer: bad input (UserError), and a ValueError for callers."""
+
+
 class VisionLanguageModel(nn.Module, abc.ABC):
     """A two-tower model as harnesses see it.
 
@@ -115,6 +121,12 @@ class VisionLanguageModel(nn.Module, abc.ABC):
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
+
+    def encode_image_pre_logits(self, pixels: torch.Tensor) -> torch.Tensor:  # [B, W]
+        """The image tower's representation before its final projection (big_vision's
+        `img/pre_logits`, what few-shot probes read). Formats that cannot expose it raise
+        NotImplementedError; the few-shot harness then uses `encode_image` and records so."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose pre-logits")
 
     def dense_features_with_intermediates(
         self, pixels: torch.Tensor, mode: str | None = None, blocks: tuple[int, ...] | None = ()
@@ -153,7 +165,13 @@ class VisionLanguageModel(nn.Module, abc.ABC):
     def check_dense_mode(self, mode: str | None) -> str:
         mode = mode or self.default_dense_mode
         if mode not in self.dense_modes:
-            raise ValueError(f"dense mode {mode!r} is not offered by this model; choose one of {self.dense_modes}")
+            offered = ", ".join(self.dense_modes) or "none (this model has no dense path)"
+            example = self.dense_modes[0] if self.dense_modes else "NAME"
+            raise DenseModeError(
+                f"dense mode {mode!r} is not offered by this model ({type(self).__name__}); offered: {offered}",
+                fix=f"pass one of the offered modes with --dense-mode NAME or --protocol dense_mode=NAME "
+                    f"(e.g. --dense-mode {example}), or leave both out for the default "
+                    f"({self.default_dense_mode or 'none'})")
         return mode
 
     def describe(self) -> dict:

@@ -110,6 +110,11 @@ class BigVisionModel(VisionLanguageModel):
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(token_ids.to(self.model.t.device))
 
+    def encode_image_pre_logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """big_vision ViT `out["pre_logits"]`: the pooled token (after the optional tanh
+        pre-logits layer), before the head that maps it into the text space."""
+        return self.model.img(pixels)[1]["pre_logits"]
+
     def dense_features(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         return self.model.img.dense(pixels, self.check_dense_mode(mode))
 

@@ -228,6 +228,10 @@ class ViT(nn.Module):
         else:  # "tok", "0", "none": the first token
             x = x[:, 0]
         out["head_input"] = x
+        if self.pre_logits is not None:
+            out["pre_logits"] = torch.tanh(self.pre_logits(x))
+        else:
+            out["pre_logits"] = x
         x = self._project(x)
         return x, out
 

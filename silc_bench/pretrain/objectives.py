@@ -20,10 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TEACHER_TEMP = 0.04
-STUDENT_TEMP = 0.1
-CENTER_MOMENTUM = 0.9
-EMA_MOMENTUM = 0.966
+from silc_bench.pretrain.settings import DistillSettings, PretrainSettings
+
+# The paper's values, as the pretraining defaults state them (settings.py).
+TEACHER_TEMP = DistillSettings.teacher_temp
+STUDENT_TEMP = DistillSettings.student_temp
+CENTER_MOMENTUM = DistillSettings.center_momentum
+EMA_MOMENTUM = PretrainSettings.ema_momentum
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +113,8 @@ class DistillHead(nn.Module):
     Init as DINO: truncated normal (std 0.02) MLP weights, zero biases.
     """
 
-    def __init__(self, dim: int, out_dim: int = 65536, hidden: int = 2048, bottleneck: int = 256, layers: int = 3):
+    def __init__(self, dim: int, out_dim: int = DistillSettings.out_dim, hidden: int = DistillSettings.hidden,
+                 bottleneck: int = DistillSettings.bottleneck, layers: int = DistillSettings.layers):
         super().__init__()
         sizes = [dim] + [hidden] * (layers - 1) + [bottleneck]
         blocks = []

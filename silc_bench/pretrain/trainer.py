@@ -20,18 +20,15 @@ Data: sample position p = step * global_batch + i -> dataset index p % length, c
 processes matches a run on one, and a resumed run repeats the uninterrupted one exactly.
 Outputs in --out: config.json, log.jsonl (loss per step), checkpoint.pt (atomic, latest),
 model.npz + model.npz.json (big_vision export with the tokenizer), the tokenizer file. Rank 0
-writes them; with several nodes, --out must be on a file system every process reads.
+writes them; with several nodes, --out must be on a file system every process reads. Defaults:
+settings.py; device, precision, processes, resume and the step loop: silc_bench.training.runtime.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
-import os
 import shutil
-import signal
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,11 +38,12 @@ import torch.distributed as dist
 from torch import nn
 
 from silc_bench.errors import UserError
-from silc_bench.recipes import merge_settings, read_recipe, run_main
-from silc_bench.results.record import atomic_write_bytes, atomic_write_text
 from silc_bench.pretrain import objectives as obj
 from silc_bench.pretrain.multicrop import MultiCropConfig, full_view, multicrop
 from silc_bench.pretrain.schedule import rsqrt_lr
+from silc_bench.pretrain.settings import OPEN_SECTIONS, RUNTIME_KEYS, TrainSettings, defaults
+from silc_bench.recipes import merge_settings, read_recipe, run_main
+from silc_bench.training import runtime as rt
 
 VARIANTS = {
     "clip":           dict(loss="softmax", contrastive_views=["full"], ema=False, distill=False),
@@ -56,44 +54,17 @@ VARIANTS = {
     "silc-s":         dict(loss="sigmoid", contrastive_views=["global"], ema=True, distill=True),
 }
 
-# Defaults are the paper's numbers (SILC section 4.1, Table 6 budget: 5B examples seen at batch 16k).
-# Marked "not in the paper": SigLIP's recipe (b2 0.95, weight decay, clipping), our choice.
-DEFAULTS = {
-    "variant": "silc-c",
-    "objective": {},  # overrides of the variant's switches (loss, contrastive_views, ema, distill)
-    "model": {  # TwoTowerConfig: ViT-B/16 with MAP pooling at 256 px, B text tower, 64 tokens
-        "img": {"width": 768, "depth": 12, "heads": 12, "patch_size": 16, "grid": [16, 16], "pool_type": "map"},
-        "txt": {"vocab_size": 32000, "width": 768, "depth": 12, "heads": 12, "length": 64, "out_dim": 768},
-        "temperature_init": 10.0, "bias_init": -10.0,
-    },
-    "tokenizer": {"kind": "sentencepiece", "file": "c4_en.model", "context_length": 64, "pad_id": 1,
-                  "lowercase": True, "eos": "sticky"},
-    "data": {"kind": "webli"},
-    "multicrop": {"global_size": 256, "local_size": 96, "n_global": 2, "n_local": 8,
-                  "global_scale": [0.4, 1.0], "local_scale": [0.05, 0.4], "flip": False},
-    "distill": {"out_dim": 65536, "hidden": 2048, "bottleneck": 256, "layers": 3, "teacher_temp": 0.04,
-                "student_temp": 0.1, "center_momentum": 0.9, "weight": 1.0},
-    "ema_momentum": 0.966,
-    "optim": {"lr": 1e-3, "warmup_steps": 50_000, "cooldown_steps": 50_000, "timescale": None,
-              "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 1e-4, "grad_clip": 1.0},  # not in the paper
-    "train": {"batch_size": 16384, "steps": 305_176, "seed": 0, "ckpt_every": 1000, "log_every": 1,
-              "print_every": 10, "precision": "auto", "device": "auto", "prefetch": True},
-}
-
 
 # ---------------------------------------------------------------------------------- config
-_OPEN = ("model", "tokenizer", "data")  # free-form sections, checked by what consumes them
-
-
 def _merge(base: dict, over: dict, path) -> dict:
-    return merge_settings(base, over, path, what="pretraining", defaults_at="silc_bench/pretrain/trainer.py",
-                          open_sections=_OPEN)
+    return merge_settings(base, over, path, what="pretraining", defaults_at="silc_bench/pretrain/settings.py",
+                          open_sections=OPEN_SECTIONS)
 
 
 def load_config(path=None, overrides: dict | None = None) -> dict:
-    """YAML file (plain data) merged over DEFAULTS; `_config_dir` resolves relative files."""
+    """YAML file (plain data) merged over the defaults (settings.py); `_config_dir` resolves relative files."""
     raw = read_recipe(path, "pretraining") if path is not None else {}
-    cfg = _merge(DEFAULTS, raw, path)
+    cfg = _merge(defaults(), raw, path)
     cfg = _merge(cfg, overrides or {}, path)
     if cfg["variant"] not in VARIANTS:
         raise UserError(f"unknown variant {cfg['variant']!r}", path=path, fix=f"use one of {sorted(VARIANTS)}")
@@ -181,32 +152,17 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _precision(cfg: dict, device: torch.device):
-    p = cfg["train"]["precision"]
-    if p == "auto":
-        p = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    if p not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"unknown precision {p!r}", path=cfg.get("_config_path"), fix="use auto, fp32, bf16 or fp16")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
-
-
 # ---------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: dict, out_dir=None):
         self.cfg, self.out = cfg, Path(out_dir) if out_dir else None
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank, self.world = rt.rank_world()
+        self.folder = rt.RunFolder(self.out, self.rank) if self.out else None
         tr, o = cfg["train"], cfg["objective"]
-        dev = tr["device"]
-        if dev == "auto":
-            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(dev)
-        self.amp_dtype = _precision(cfg, self.device)
+        self.device = rt.choose_device(tr["device"])
+        self.amp_dtype = rt.autocast_dtype(tr["precision"], self.device, path=cfg.get("_config_path"))
         self.global_batch = int(tr["batch_size"])
-        if self.global_batch % self.world:
-            raise UserError(f"batch_size {self.global_batch} is not divisible by {self.world} processes",
-                            fix="choose a batch size that is a multiple of the number of processes")
-        self.local_batch = self.global_batch // self.world
+        self.local_batch = rt.local_batch_size(self.global_batch, self.world)
         self.total_steps = int(tr["steps"])
         op = cfg["optim"]
         if self.total_steps > 1 and op["warmup_steps"] >= self.total_steps:
@@ -233,13 +189,8 @@ class Trainer:
         self.center = torch.zeros(k, device=self.device) if o["distill"] else None
         self.opt = torch.optim.AdamW(param_groups(self.student, op["weight_decay"]), lr=op["lr"],
                                      betas=tuple(op["betas"]), eps=op["eps"])
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.ddp = self.student
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DDP(self.student, device_ids=ids)
+        self.scaler = rt.grad_scaler(self.amp_dtype)
+        self.ddp = rt.wrap_ddp(self.student, self.device, self.world)
         self.step = 0
         self._pool = ThreadPoolExecutor(1) if tr["prefetch"] else None
 
@@ -272,9 +223,6 @@ class Trainer:
             yield step, batch
 
     # ---- one step
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-
     def _gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if self.world == 1:
             return x
@@ -306,7 +254,7 @@ class Trainer:
         views = {k: v.to(self.device, non_blocking=True) for k, v in batch["views"].items()}
         tokens = batch["tokens"].to(self.device, non_blocking=True)
 
-        with self._autocast():
+        with rt.autocast(self.device, self.amp_dtype):
             zimg, ztxt, local_out, t, b = self.ddp(views, tokens, o["contrastive_views"], o["distill"])
             if o["distill"]:
                 with torch.no_grad():
@@ -320,16 +268,7 @@ class Trainer:
                                       teacher_temp=d["teacher_temp"])
         loss = loss_c + d["weight"] * loss_d
 
-        self.opt.zero_grad(set_to_none=True)
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-        if self.scaler:
-            self.scaler.unscale_(self.opt)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), op["grad_clip"] or float("inf"))
-        if self.scaler:  # skips the update when fp16 gradients overflowed
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
+        gnorm = rt.optimizer_step(loss, self.opt, self.scaler, self.student.parameters(), op["grad_clip"])
 
         if self.teacher is not None:
             obj.ema_update(self.teacher.parameters(), self.student.parameters(), self.cfg["ema_momentum"])
@@ -337,9 +276,7 @@ class Trainer:
             self.center.copy_(obj.updated_center(self.center, teacher_out, d["center_momentum"]))
 
         stats = torch.stack([loss.detach(), loss_c.detach(), loss_d.detach()]).float()
-        if self.world > 1:
-            dist.all_reduce(stats)
-            stats /= self.world
+        stats = rt.mean_over_processes(stats, self.world)
         out = dict(zip(("loss", "contrastive", "distill"), stats.tolist()))
         out.update(lr=lr, grad_norm=float(gnorm), t=float(t.detach().float().reshape(())))
         if b is not None:
@@ -349,7 +286,7 @@ class Trainer:
     # ---- checkpoints
     @property
     def ckpt_path(self) -> Path:
-        return self.out / "checkpoint.pt"
+        return self.folder.checkpoint
 
     def save_checkpoint(self) -> None:
         """Write checkpoint.pt atomically (temp file, fsync, rename): a kill leaves the old one whole."""
@@ -360,19 +297,14 @@ class Trainer:
             "student": self.student.state_dict(),
             "teacher": self.teacher.state_dict() if self.teacher is not None else {},
             "center": self.center if self.center is not None else torch.zeros(0),
-            **loop_state(self.opt, self.scaler),
-            "config": json.dumps(_public(self.cfg), sort_keys=True),
+            **rt.loop_state(self.opt, self.scaler),
+            "config": json.dumps(rt.public(self.cfg), sort_keys=True),
         }
-        save_atomic(state, self.ckpt_path)
+        rt.save_atomic(state, self.ckpt_path)
 
     def load_checkpoint(self, path: Path) -> None:
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as e:  # a truncated or foreign file
-            raise UserError(f"cannot read the training checkpoint ({e})", path=path,
-                            fix="delete it to start over, or point --out at the run to resume") from e
-        mine = json.dumps(_public(self.cfg), sort_keys=True)
-        if _strip_runtime(json.loads(state["config"])) != _strip_runtime(json.loads(mine)):
+        state = rt.read_checkpoint(path, device=self.device)
+        if not rt.same_settings(state["config"], rt.public(self.cfg), section=("train",), runtime_keys=RUNTIME_KEYS):
             raise UserError("the checkpoint was written with another config", path=path,
                             fix="resume with the same config (steps may not change either), or use a new --out")
         self.student.load_state_dict(state["student"])
@@ -380,7 +312,7 @@ class Trainer:
             self.teacher.load_state_dict(state["teacher"])
         if self.center is not None:
             self.center.copy_(state["center"])
-        restore_loop_state(state, self.opt, self.scaler)
+        rt.restore_loop_state(state, self.opt, self.scaler)
         self.step = int(state["step"])
 
     # ---- export
@@ -400,44 +332,20 @@ class Trainer:
         return save_big_vision(self.eval_model(), self.out / "model.npz", tokenizer=tok)
 
     # ---- the loop
-    def run(self, resume: bool = False, kill_at_step: int | None = None) -> Path:
-        """Train from scratch or from --out/checkpoint.pt to the last step, then export; -> model.npz."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        log_path = self.out / "log.jsonl"
-        if self.ckpt_path.exists():
-            if not resume:
-                raise UserError("this output folder already holds a training checkpoint", path=self.ckpt_path,
-                                fix="pass --resume to continue it, or choose another --out")
-            self.load_checkpoint(self.ckpt_path)
-        if self.rank == 0:
-            (self.out / "config.json").write_text(json.dumps(_public(self.cfg), indent=1))
-            _truncate_log(log_path, self.step)
+    def run(self, resume: bool = False, *, stop_at_step: int | None = None, callbacks=()) -> Path | None:
+        """Train from scratch or from --out/checkpoint.pt to the last step, then export; -> model.npz.
+        `stop_at_step`: pause there with a checkpoint written (-> None); `callbacks`: called as
+        callback(steps_done, stats) after each step (see runtime.run_steps)."""
+        ckpt = self.folder.resume_from(resume)
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+        self.folder.start(rt.public(self.cfg), self.step)
         tr = self.cfg["train"]
-        log = open(log_path, "a") if self.rank == 0 else None
-        try:
-            tick = time.perf_counter()
-            for step, batch in self.batches(self.step):
-                stats = self.train_step(step, batch)
-                self.step = step + 1
-                now = time.perf_counter()
-                stats = {"step": step, **stats, "images_per_s": self.global_batch / (now - tick)}
-                tick = now
-                if log and (step % tr["log_every"] == 0 or self.step == self.total_steps):
-                    log.write(json.dumps(stats) + "\n")
-                    log.flush()
-                if log and (step % tr["print_every"] == 0 or self.step == self.total_steps):
-                    print(f"step {self.step}/{self.total_steps} loss {stats['loss']:.4f} (contrastive "
-                          f"{stats['contrastive']:.4f}, distill {stats['distill']:.4f}) lr {stats['lr']:.2e} "
-                          f"{stats['images_per_s']:.1f} images/s", flush=True)
-                if self.step % tr["ckpt_every"] == 0 or self.step == self.total_steps:
-                    self.save_checkpoint()
-                if kill_at_step is not None and self.step == kill_at_step:  # tests: a hard preemption
-                    os.kill(os.getpid(), signal.SIGKILL)
-        finally:
-            if log:
-                log.close()
-        path = self.out / "model.npz"
-        if self.rank == 0:
+        rt.run_steps(self, self.batches(self.step), self.folder, log_every=tr["log_every"], ckpt_every=tr["ckpt_every"],
+                     print_every=tr["print_every"], line=self._line, timing=self._throughput,
+                     stop_at_step=stop_at_step, callbacks=callbacks)
+        path = self.out / "model.npz" if self.step == self.total_steps else None
+        if path and self.rank == 0:
             self.export()
             which = "EMA teacher" if self.teacher is not None else "student"
             print(f"exported the {which} weights to {path} (+ {path.name}.json with the tokenizer)", flush=True)
@@ -445,76 +353,53 @@ class Trainer:
             dist.barrier()
         return path
 
+    def _throughput(self, seconds: float) -> dict:
+        return {"images_per_s": self.global_batch / seconds}
 
-def _public(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
-
-
-def _strip_runtime(cfg: dict) -> dict:
-    """Settings that may change between a run and its resumption."""
-    cfg = copy.deepcopy(cfg)
-    for k in ("ckpt_every", "log_every", "print_every", "prefetch", "device"):
-        cfg["train"].pop(k, None)
-    return cfg
+    def _line(self, stats: dict) -> str:
+        return (f"step {stats['step'] + 1}/{self.total_steps} loss {stats['loss']:.4f} (contrastive "
+                f"{stats['contrastive']:.4f}, distill {stats['distill']:.4f}) lr {stats['lr']:.2e} "
+                f"{stats['images_per_s']:.1f} images/s")
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of steps at or after `step` (logged by a run killed after its last checkpoint)."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+OVERRIDES = {"seed": ("train", "seed"), "steps": ("train", "steps")}  # option -> the setting it overrides
 
 
-def loop_state(opt, scaler) -> dict:
-    """What exact resume needs beside the weights: optimizer, loss scaler, RNG states."""
-    return {"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def command_line_overrides(args) -> dict | None:
+    over: dict = {}
+    for option, (section, key) in OVERRIDES.items():
+        if getattr(args, option) is not None:
+            over.setdefault(section, {})[key] = getattr(args, option)
+    return over or None
 
 
-def restore_loop_state(state: dict, opt, scaler) -> None:
-    opt.load_state_dict(state["optimizer"])
-    if scaler and state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng_cpu"].cpu())
-    if torch.cuda.is_available() and state["rng_cuda"]:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save through a temp file + fsync + rename: a kill leaves the previous file whole."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def setup_distributed() -> None:
-    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="silc-bench pretrain", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="YAML recipe (configs/pretrain/*.yaml)")
+    ap.add_argument("--out", help="run folder: log, checkpoint, exported model")
+    ap.add_argument("--seed", type=int,
+                    help=f"overrides the recipe's train.seed (settings.py default: {TrainSettings.seed})")
+    ap.add_argument("--steps", type=int,
+                    help=f"overrides the recipe's train.steps, the schedule's length (settings.py default: "
+                         f"{TrainSettings.steps})")
+    ap.add_argument("--print-config", action="store_true", help="print every setting of the recipe and exit")
+    rt.add_loop_arguments(ap)
+    return ap
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="silc-bench pretrain", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True, help="YAML recipe (configs/pretrain/*.yaml)")
-    ap.add_argument("--out", required=True, help="run folder: log, checkpoint, exported model")
-    ap.add_argument("--seed", type=int, help="overrides train.seed")
-    ap.add_argument("--steps", type=int, help="overrides train.steps (the schedule's length)")
-    ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt if it exists")
-    ap.add_argument("--kill-at-step", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL after this step
+    ap = build_parser()
     args = ap.parse_args(argv)
-    train = {k: v for k, v in (("seed", args.seed), ("steps", args.steps)) if v is not None}
-    cfg = load_config(args.config, {"train": train} if train else None)
-    setup_distributed()
-    try:
-        Trainer(cfg, args.out).run(resume=args.resume, kill_at_step=args.kill_at_step)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    cfg = load_config(args.config, command_line_overrides(args))
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(rt.public(cfg), sort_keys=False, default_flow_style=None), end="")
+        return 0
+    if not args.out:
+        ap.error("the following arguments are required: --out")
+    with rt.distributed():
+        Trainer(cfg, args.out).run(resume=args.resume, stop_at_step=args.stop_at_step)
     return 0
 
 

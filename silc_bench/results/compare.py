@@ -31,6 +31,8 @@ class Check:
     current: float | None
     tolerance: float
     where: str  # the baseline row, for messages
+    higher_is_better: bool = True
+    allow_better: bool = False
 
     @property
     def delta(self) -> float | None:
@@ -42,7 +44,12 @@ class Check:
             return "MISSING"
         if math.isnan(self.baseline) or math.isnan(self.current):
             return "ok" if math.isnan(self.baseline) and math.isnan(self.current) else "MOVED"
-        return "ok" if abs(self.delta) <= self.tolerance + _SLACK else "MOVED"
+        if abs(self.delta) <= self.tolerance + _SLACK:
+            return "ok"
+        better = (self.delta > 0) == self.higher_is_better
+        if better:
+            return "ok" if self.allow_better else "BETTER"
+        return "WORSE"
 
 
 # ---------------------------------------------------------------- baseline files
@@ -119,11 +126,20 @@ def write_baseline(path: str | Path, rows: list[dict]) -> None:
 
 # ---------------------------------------------------------------- comparison
 
-def compare(baseline: list[dict], current: list[dict], tolerance: float = DEFAULT_TOLERANCE) -> list[Check]:
-    """One Check per baseline row; `current` is `leaderboard.metric_rows(...)`."""
-    now = {tuple(r[k] for k in KEY): r["value"] for r in current}
-    return [Check(b["key"], b["value"], now.get(b["key"]),
-                  tolerance if b["tolerance"] is None else b["tolerance"], b["where"]) for b in baseline]
+def compare(baseline: list[dict], current: list[dict], tolerance: float = DEFAULT_TOLERANCE,
+            allow_better: bool = False) -> list[Check]:
+    """One Check per baseline row; `current` is `leaderboard.metric_rows(...)`. A move beyond
+    tolerance is WORSE or BETTER by the metric's direction (`higher_is_better` of its task spec);
+    both fail unless `allow_better` lets improvements pass."""
+    now = {tuple(r[k] for k in KEY): r for r in current}
+    checks = []
+    for b in baseline:
+        row = now.get(b["key"])
+        direction = row["higher_is_better"] if row is not None else b.get("higher_is_better", True)
+        checks.append(Check(b["key"], b["value"], None if row is None else row["value"],
+                            tolerance if b["tolerance"] is None else b["tolerance"], b["where"],
+                            higher_is_better=bool(direction), allow_better=allow_better))
+    return checks
 
 
 def _num(value: float | None, signed: bool = False) -> str:
@@ -140,7 +156,7 @@ def failure_report(failed: list[Check], total: int, baseline_path) -> str:
              _num(c.delta, signed=True), _num(c.tolerance), c.where] for c in failed]
     widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
     lines = [f"compare: {len(failed)} of {total} metrics failed against {baseline_path} "
-             f"(MOVED: beyond tolerance; MISSING: no current record)"]
+             f"(WORSE / BETTER: beyond tolerance, by the metric's direction; MISSING: no current record)"]
     lines += ["  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *body]]
     return "\n".join(lines)
 
@@ -155,6 +171,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder (searched recursively) or file of current result records; repeatable")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help=f"allowed absolute move in metric points (default {DEFAULT_TOLERANCE}); a baseline row's own tolerance wins")
+    parser.add_argument("--allow-better", action="store_true",
+                        help="let moves in the metric's good direction (higher_is_better of its task) pass")
     parser.add_argument("--metric", action="extend", nargs="+", metavar="NAME",
                         help="only these metrics (e.g. --metric mIoU aAcc); default all in the baseline")
 
@@ -176,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
     if not baseline:
         raise UserError("baseline has no rows to check" + (f" for metrics {sorted(metrics)}" if metrics else ""),
                         path=args.baseline, fix="check --metric, or write a baseline with --write-baseline")
-    checks = compare(baseline, current, args.tolerance)
+    checks = compare(baseline, current, args.tolerance, allow_better=args.allow_better)
     failed = [c for c in checks if c.status != "ok"]
     if failed:
         print(failure_report(failed, len(checks), args.baseline))

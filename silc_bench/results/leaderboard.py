@@ -18,7 +18,7 @@ from silc_bench.results.report import DEFAULT_RECORDS, load_records, model_label
 
 COLUMNS = (
     "model", "model_spec", "checkpoint_sha256", "tokenizer_kind", "tokenizer_sha256",
-    "task", "task_version", "dataset", "limited", "limit", "num_images", "metric", "value",
+    "task", "task_version", "dataset", "limited", "limit", "num_images", "metric", "value", "higher_is_better",
     "protocol_sha256", "git_commit", "git_dirty", "silc_bench_version", "torch_version", "device", "created",
 )
 KEY = ("model", "task", "dataset", "metric")
@@ -83,6 +83,7 @@ def _row(record: dict, label: str, metric: str, value: float) -> dict:
         "num_images": dataset.get("num_images"),
         "metric": metric,
         "value": value,
+        "higher_is_better": metric_direction(record, metric),
         "protocol_sha256": record.get("protocol_sha256"),
         "git_commit": git.get("commit"),
         "git_dirty": git.get("dirty"),
@@ -91,6 +92,19 @@ def _row(record: dict, label: str, metric: str, value: float) -> dict:
         "device": env.get("device"),
         "created": record.get("created"),
     }
+
+
+def metric_direction(record: dict, metric: str) -> bool:
+    """Whether a larger `metric` is better: the record's own `metric` block (its task spec's), else
+    the task spec as registered now, else True (every metric silc-bench reports so far)."""
+    from silc_bench.harness.base import higher_is_better
+
+    block = record.get("metric")
+    if not isinstance(block, dict):
+        from silc_bench import registry
+
+        block = (registry.tasks().get(record["task"]["name"]) or {}).get("metric") or {}
+    return higher_is_better(block, metric)
 
 
 def to_csv(rows: list[dict], columns=COLUMNS) -> str:

@@ -23,12 +23,35 @@ REQUIRED_KEYS = ("schema", "task", "model", "dataset", "protocol", "metrics", "e
 _PACKAGES = ("silc-bench", "torch", "torchvision", "open_clip_torch", "transformers", "numpy", "sentencepiece", "pillow")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS tells (Linux /proc), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode a plain `open(path, "w")` gives a new file: 0o666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temp file in the same folder, fsync and rename: readers never see half a file."""
+    """Write via a temp file in the same folder, fsync and rename: readers never see half a file.
+
+    The file gets the mode a plain `open()` would give it (0o666 & ~umask), not mkstemp's 0o600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -97,12 +120,38 @@ def write_record(path: str | Path, record: dict) -> None:
     atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, allow_nan=True) + "\n")
 
 
-def read_record(path: str | Path) -> dict:
-    """Read and validate one record; a damaged one is a UserError naming the file."""
+class DamagedRecordError(UserError):
+    """A result record that cannot be used. `problem` says what is wrong, without the fix text, so a
+    caller that repairs it itself (the runner recomputes it) can word its own message."""
+
+    def __init__(self, problem: str, *, path, fix: str | None):
+        super().__init__(f"damaged result record {Path(path).name}: {problem}", path=path, fix=fix)
+        self.problem = problem
+
+
+def regenerate_fix(path: str | Path) -> str:
+    """What a reader of records (report, export, compare) should tell the user to do about a damaged one."""
+    parts = Path(path).parts
+    task = parts[-3] if len(parts) >= 3 else "TASK"
+    return (f"regenerate it: run the `silc-bench run {task} --model ... --datasets ...` command that wrote it "
+            f"again with --force (or delete the file and run that command again)")
+
+
+def read_record(path: str | Path, *, fix: str | None = None) -> dict:
+    """Read and validate one record; a damaged one is a `DamagedRecordError` (a UserError) naming the file.
+
+    `fix`: the advice in the error, for the caller's context; by default how to regenerate the
+    record (right for `report` / `compare`). A caller that recomputes damaged records itself
+    passes its own, e.g. `fix="none needed: it is recomputed now"`.
+    """
+    fix = regenerate_fix(path) if fix is None else fix
     try:
         record = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"result record is unreadable ({e})", path=path, fix="delete it and run again (or use --force)")
-    if not isinstance(record, dict) or record.get("schema") != SCHEMA or any(k not in record for k in REQUIRED_KEYS):
-        raise UserError("file is not a complete silc-bench result record", path=path, fix="delete it and run again (or use --force)")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedRecordError(f"unreadable ({type(e).__name__}: {e})", path=path, fix=fix) from e
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+        raise DamagedRecordError(f"not a silc-bench result record (schema {SCHEMA!r} expected)", path=path, fix=fix)
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise DamagedRecordError(f"incomplete: lacks {', '.join(missing)}", path=path, fix=fix)
     return record

@@ -22,7 +22,7 @@ from silc_bench.paths import CONFIGS_DIR, PAPER_DIR, RESULTS_DIR
 from silc_bench.results.record import atomic_write_text, read_record
 
 TABLES_CONFIG = CONFIGS_DIR / "paper_tables.yaml"
-DEFAULT_RECORDS = RESULTS_DIR / "runs"
+DEFAULT_RECORDS = Path("results/runs")  # under the current folder, where `silc-bench run` writes by default
 FORMATS = {"md": "md", "latex": "tex", "csv": "csv"}
 _EPOCH = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
 
