@@ -268,3 +268,14 @@ def test_hfmodel_rejects_unknown_family(clip_dir):
     m = load_hf(clip_dir)
     with pytest.raises(ValueError):
         HFModel(m.model, "bert", m.tokenizer, m.preprocess)
+
+
+@pytest.mark.parametrize("which", ["siglip", "clip"])
+def test_windows_that_are_not_a_patch_multiple_floor_the_grid(which, siglip_dir, clip_dir):
+    """As open_clip and the anchors: the last partial patch row / column is dropped (issue: very wide images)."""
+    model = load_hf(siglip_dir if which == "siglip" else clip_dir)
+    p = model.patch_size
+    pixels = torch.randn(1, 3, 3 * p + 3, 5 * p + 1)
+    out = model.dense_features(pixels)
+    assert tuple(out.shape[1:3]) == (3, 5)
+    assert torch.allclose(out, model.dense_features(pixels[..., :3 * p, :5 * p]), atol=1e-6)

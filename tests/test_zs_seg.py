@@ -1,6 +1,7 @@
 """The zero-shot segmentation harness against answers known by construction and a naive reference."""
 import math
 
+import cv2
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,7 +139,9 @@ def naive_reference(model, dataset, protocol):
         h0, w0 = s["label"].shape
         f = min(protocol["long_side_max"] / max(h0, w0), protocol["short_side"] / min(h0, w0))
         h, w = int(h0 * f + 0.5), int(w0 * f + 0.5)
-        img = F.interpolate(s["image"][None].float(), size=(h, w), mode="bilinear", align_corners=False).round().clamp(0, 255)
+        # mmcv.imrescale: cv2 INTER_LINEAR on the 8-bit image (as the mmseg-based anchors resize)
+        img = torch.from_numpy(cv2.resize(s["image"].permute(1, 2, 0).numpy(), (w, h), interpolation=cv2.INTER_LINEAR))
+        img = img.permute(2, 0, 1)[None].float()
         img = model.preprocess.normalize(img / 255.0)
         total = torch.zeros(1, dataset.num_classes, h, w)
         count = torch.zeros(1, 1, h, w)

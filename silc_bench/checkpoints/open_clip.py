@@ -456,6 +456,20 @@ def _open_clip_tokenizer(arch: str, context_length: int | None):
 RANDOM_INIT = "random-init"  # `open_clip:ARCH:random-init`: the explicit opt-in to untrained weights
 
 
+def local_dir_weights(folder: Path) -> Path | None:
+    """The weights file open_clip reads from a `local-dir:` folder (its own choice where it exposes
+    it: `open_clip.factory._find_checkpoint_in_dir`; else the same preference order)."""
+    import open_clip.factory as factory
+
+    finder = getattr(factory, "_find_checkpoint_in_dir", None)
+    if finder is not None:
+        found = finder(Path(folder))
+        return Path(found) if found else None
+    files = sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.pth")],
+                   key=lambda f: (f.suffix != ".safetensors", f.name))
+    return files[0] if files else None
+
+
 def load_open_clip(arch: str, weights: str | Path | None = None, device: str | torch.device = "cpu",
                    random_init: bool = False) -> OpenClipModel:
     """Build open_clip architecture `arch` and load `weights` (a local file, or an open_clip pretrained tag).
@@ -512,9 +526,13 @@ def load_open_clip(arch: str, weights: str | Path | None = None, device: str | t
         if not local.is_dir():
             raise UserError(f"open_clip model directory {local} does not exist", path=local,
                             fix="pass 'local-dir:' followed by a directory holding open_clip_config.json and weights")
+        path = local_dir_weights(local)
+        if path is not None:  # the file open_clip will load: its hash names the record and keys the caches
+            sha = sha256_file(path)
     try:
         model = open_clip.create_model(
-            arch, pretrained=str(path) if path is not None else tag, device=device, weights_only=True)
+            arch, pretrained=str(path) if path is not None and not own_scheme else tag, device=device,
+            weights_only=True)
     except UserError:
         raise
     except Exception as e:

@@ -235,7 +235,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
-        image = self._read(s.image, "image", lambda im: np.array(im.convert("RGB")))
+        image = self._read_image(s.image)
         label = self._read(s.label, "label", self._label_array)
         if image.shape[:2] != label.shape:
             raise UserError(f"dataset {self.name!r}: image {s.image} is {image.shape[1]}x{image.shape[0]} but its label "
@@ -266,8 +266,33 @@ class SegmentationDataset(torch.utils.data.Dataset):
             "index": index,
         }
 
-    def _read(self, path: Path, what: str, decode):
+    # How images are decoded, as the anchor each harness matches does (the harness sets it):
+    #   "pil": PIL convert("RGB"), no EXIF orientation;
+    #   "cv2": mmcv.imfrombytes(flag="color", backend="cv2"), i.e. cv2.imdecode(IMREAD_COLOR), which
+    #          applies EXIF orientation (mmseg's LoadImageFromFile; zs-seg);
+    #   "pil_exif": detectron2's read_image: PIL, EXIF orientation applied, convert("RGB") (ov-seg).
+    decoder = "pil"
+
+    def _read_image(self, path: Path) -> np.ndarray:
+        if self.decoder == "cv2":
+            import cv2
+
+            def decode(file):
+                array = cv2.imdecode(np.fromfile(file, dtype=np.uint8), cv2.IMREAD_COLOR)
+                if array is None:
+                    raise ValueError("cv2.imdecode could not decode it")
+                return np.ascontiguousarray(array[..., ::-1])  # BGR -> RGB, as mmseg's bgr_to_rgb
+            return self._read(path, "image", decode, with_pil=False)
+        if self.decoder == "pil_exif":
+            from PIL import ImageOps
+
+            return self._read(path, "image", lambda im: np.array(ImageOps.exif_transpose(im).convert("RGB")))
+        return self._read(path, "image", lambda im: np.array(im.convert("RGB")))
+
+    def _read(self, path: Path, what: str, decode, with_pil: bool = True):
         try:
+            if not with_pil:  # `decode` reads the file itself
+                return decode(path)
             with Image.open(path) as im:
                 im.load()
                 return decode(im)

@@ -318,7 +318,9 @@ class OpenVocabSegmentation(Harness):
     model_loader = "catseg"
 
     def open_dataset(self, name, data_root, limit=None):
-        return open_dataset(name, data_root, limit=limit, mapping=self.task.get("dataset_entries"))
+        dataset = open_dataset(name, data_root, limit=limit, mapping=self.task.get("dataset_entries"))
+        dataset.decoder = "pil_exif"  # detectron2's read_image: PIL with EXIF orientation applied
+        return dataset
 
     def setup(self, model, dataset, protocol, device, cache=None):
         return setup(model, dataset, protocol, device, cache=cache)

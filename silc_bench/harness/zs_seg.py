@@ -1,8 +1,10 @@
 """Zero-shot segmentation from dense patch features (TCL protocol; SILC Table 2).
 
 Why it is fast: crops from several images share one forward (`batch_size` crops at a time), text
-embeddings are computed once per (model, class list, templates), images are decoded by DataLoader
-workers while the model runs, and everything runs under `torch.inference_mode`.
+embeddings are computed once per (model, class list, templates), images are decoded and resized by
+DataLoader workers while the model runs, and everything runs under `torch.inference_mode`.
+Why it matches the mmseg-based anchors pixel for pixel: images are decoded with cv2 (mmcv's reader,
+EXIF orientation applied) and resized with cv2 INTER_LINEAR on the 8-bit image (mmcv.imrescale).
 Why it is exact: per-crop logits are upsampled to the crop, summed over overlapping crops and
 divided by the count, resized to the label and argmaxed, as in mmseg's slide inference; batching
 only changes which crops share a forward, never the arithmetic done per crop.
@@ -25,6 +27,30 @@ def rescale_size(height: int, width: int, short_side: int, long_side_max: int) -
     """mmseg `Resize(scale=(long, short), keep_ratio=True)`: fit inside (long, short)."""
     factor = min(long_side_max / max(height, width), short_side / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def cv2_rescale(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [3, h, w] as mmcv's `imresize(..., interpolation="bilinear")` does
+    it: cv2.resize with INTER_LINEAR on the 8-bit image (fixed-point arithmetic, so a float
+    bilinear resize rounded to 8 bits differs by 1 in ~12% of values)."""
+    import cv2
+
+    h, w = size
+    if (h, w) == tuple(image.shape[-2:]):
+        return image
+    array = cv2.resize(image.permute(1, 2, 0).numpy(), (w, h), interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class MmsegRescale:
+    """Worker transform: mmseg's `Resize(scale=(long, short), keep_ratio=True)` = mmcv.imrescale."""
+
+    def __init__(self, short_side: int, long_side_max: int):
+        self.short_side, self.long_side_max = short_side, long_side_max
+
+    def __call__(self, sample: dict) -> dict:
+        size = rescale_size(*sample["image"].shape[-2:], self.short_side, self.long_side_max)
+        return {**sample, "image": cv2_rescale(sample["image"], size)}
 
 
 def slide_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
@@ -123,7 +149,9 @@ def evaluate(model, dataset, prepared: ZsSegSetup, indices, *, device, batch_siz
     """Run the protocol on `indices` of `dataset`; return the metric's mergeable state."""
     p = prepared.protocol
     metric = SegmentationMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
-    loader = iterate(dataset, indices, workers=workers, device=device)  # a bad file: its message, no worker traceback
+    rescale = MmsegRescale(p["short_side"], p.get("long_side_max", 2048))
+    # Decoded and resized in the workers; a bad file ends the run with its message, no worker traceback.
+    loader = iterate(dataset, indices, workers=workers, device=device, transform=rescale)
     canvases: dict[int, _Canvas] = {}
     queues: dict[tuple[int, int], list] = defaultdict(list)  # crop shape -> [(image id, box, crop)]
 
@@ -147,12 +175,10 @@ def evaluate(model, dataset, prepared: ZsSegSetup, indices, *, device, batch_siz
                 finish(image_id)
 
     for sample in loader:
-        image = sample["image"].to(device, non_blocking=True).float()
+        image = sample["image"].to(device, non_blocking=True).float()  # already at the protocol's size
         label = sample["label"].to(device, non_blocking=True)
-        h, w = rescale_size(*image.shape[-2:], p["short_side"], p.get("long_side_max", 2048))
-        # Resize as the anchors do (bilinear on the 8-bit image, result stored as 8-bit), then normalise.
-        image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False).round().clamp(0, 255)
-        image = model.preprocess.normalize(image / 255.0)[0]
+        h, w = image.shape[-2:]
+        image = model.preprocess.normalize(image[None] / 255.0)[0]
         boxes = slide_windows(h, w, p["crop"], p["stride"])
         image_id = sample["index"]
         canvases[image_id] = _Canvas(
@@ -174,10 +200,14 @@ def evaluate(model, dataset, prepared: ZsSegSetup, indices, *, device, batch_siz
 
 
 def open_dataset(name: str, data_root, limit: int | None = None):
+    """The dataset, its images decoded as mmseg's LoadImageFromFile does (mmcv's cv2 reader, EXIF
+    orientation applied)."""
     from silc_bench.data.segmentation import open_dataset as _open
     from silc_bench.paths import data_root as _root
 
-    return _open(name, _root(data_root), limit=limit)
+    dataset = _open(name, _root(data_root), limit=limit)
+    dataset.decoder = "cv2"
+    return dataset
 
 
 def finalize(dataset, state: dict) -> tuple[dict, dict]:
@@ -196,7 +226,7 @@ class ZeroShotSegmentation(Harness):
     """`zs-seg` behind the task interface; the shard result is the metric's integer counts."""
 
     def open_dataset(self, name, data_root, limit=None):
-        return open_dataset(name, data_root, limit=limit)
+        return open_dataset(name, data_root, limit=limit)  # decoded with cv2, as mmseg does
 
     def setup(self, model, dataset, protocol, device, cache=None):
         return setup(model, dataset, protocol, device, cache=cache)

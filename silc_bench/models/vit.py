@@ -197,8 +197,12 @@ class ViT(nn.Module):
         """Pixels -> encoder-normed tokens [B, L, D] (cls first for pool "tok"), grid (h, w), intermediates."""
         out: dict[str, torch.Tensor] = {}
         p = self.config.patch_size
-        if pixels.shape[-1] % p or pixels.shape[-2] % p:
-            raise ValueError(f"image size {tuple(pixels.shape[-2:])} is not a multiple of the patch size {p}")
+        # A side that is not a multiple of the patch size: the last partial patch row / column is
+        # dropped, as a stride-p patch convolution (open_clip, timm, transformers) does.
+        h, w = pixels.shape[-2] // p * p, pixels.shape[-1] // p * p
+        if h == 0 or w == 0:
+            raise ValueError(f"image size {tuple(pixels.shape[-2:])} is smaller than one patch ({p})")
+        pixels = pixels[..., :h, :w]
         x = self.patch_embed(pixels)
         b, d, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)
