@@ -53,6 +53,8 @@ def _add_run(sub):
     p.add_argument("--force", action="store_true", help="recompute pairs whose record exists")
     p.add_argument("--no-cache", action="store_true", help="recompute cached class text embeddings")
     p.add_argument("--shard-size", type=int, default=32, help="images per resumable shard")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="numeric precision (autocast; fp16 on CUDA only); recorded, and part of the record's name")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -85,8 +87,11 @@ def cmd_run(args) -> int:
         data_root=args.data_root, out_dir=args.out, checkpoint_dir=args.checkpoint_dir, tokenizer=args.tokenizer,
         device=args.device or default_device(), batch_size=args.batch_size, workers=args.workers, limit=args.limit,
         protocol_overrides={**_parse_overrides(args.protocol, task), **({"dense_mode": args.dense_mode} if args.dense_mode else {})}, force=args.force, progress=not args.no_progress,
-        cache=not args.no_cache, shard_size=args.shard_size,
+        cache=not args.no_cache, shard_size=args.shard_size, precision=args.precision,
     )
+    from silc_bench.precision import check as check_precision
+
+    check_precision(opts.precision, opts.device)  # before any model is loaded
     models = parse_list(args.model)
     datasets = parse_list(args.datasets) or task["datasets"]
     for name in datasets:
@@ -100,7 +105,8 @@ def cmd_run(args) -> int:
     roots = declared_roots(opts)
     wanted = {(relativize(m, roots), d) for m in models for d in datasets}  # records store relative specs
     records = [r for r in load_records([Path(args.out) / args.task])
-               if (r["model"].get("spec"), r["dataset"]["name"]) in wanted and r["dataset"].get("limit") == args.limit]
+               if (r["model"].get("spec"), r["dataset"]["name"]) in wanted and r["dataset"].get("limit") == args.limit
+               and (r.get("precision") or {}).get("mode", "fp32") == args.precision]
     number = (task.get("paper") or {}).get("table")
     if number is None:
         return 0

@@ -23,6 +23,8 @@ from silc_bench.errors import UserError
 from silc_bench.harness import get_harness
 from silc_bench.harness.base import EXAMPLES, SUMS, Harness, merge_results
 from silc_bench.hashing import sha256_dir, sha256_file, sha256_json
+from silc_bench.precision import autocast
+from silc_bench.precision import describe as describe_precision
 from silc_bench.results.record import environment, now_iso, read_record, record_path, slug, write_record
 from silc_bench.workfiles import Cache, load_tensors, save_tensors
 
@@ -42,6 +44,7 @@ class RunOptions:
     progress: bool = True
     cache: bool = True
     shard_size: int = 32
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (silc_bench/precision.py); part of the record's identity
 
 
 def harness_for(task: dict) -> Harness:
@@ -55,6 +58,8 @@ def protocol_for(task: dict, dataset, overrides: dict | None) -> dict:
 
 def output_path(task_name: str, model_spec: str, dataset_name: str, opts: RunOptions) -> Path:
     name = dataset_name if opts.limit is None else f"{dataset_name}@limit{opts.limit}"
+    if opts.precision != "fp32":  # never mixed with (or skipped because of) the fp32 record
+        name += f"@{opts.precision}"
     return record_path(opts.out_dir, task_name, model_folder(model_spec, opts), name)
 
 
@@ -214,14 +219,16 @@ def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: Ru
     dataset = harness.open_dataset(dataset_name, opts.data_root, limit=opts.limit)
     protocol = harness.protocol_for(dataset, opts.protocol_overrides)
     start = time.perf_counter()
-    cache = Cache(Path(opts.out_dir) / "cache") if opts.cache else None
-    prepared = harness.setup(model, dataset, protocol, opts.device, cache=cache)
+    cache_dir = Path(opts.out_dir) / "cache" / ("" if opts.precision == "fp32" else opts.precision)
+    cache = Cache(cache_dir) if opts.cache else None
+    with autocast(opts.precision, opts.device):
+        prepared = harness.setup(model, dataset, protocol, opts.device, cache=cache)
     roots = declared_roots(opts)
     description = relativize(describe_dataset(dataset, dataset_name, opts.limit), roots)
     model_info = relativize(describe_model(model), roots)
     details = relativize(getattr(prepared, "details", {}) or {}, roots)
     work_key = sha256_json({"task": task["version"], "model": model_info, "dataset": description, "protocol": protocol,
-                            "details": details})
+                            "details": details, "precision": opts.precision})
     work_dir = output_path(task["name"], model_spec, dataset_name, opts).parent / "shards" / f"{dataset_name}-{work_key[:16]}"
     n = len(dataset)
     shards = [range(i, min(i + opts.shard_size, n)) for i in range(0, n, opts.shard_size)]
@@ -238,8 +245,9 @@ def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: Ru
             path = work_dir / f"shard{k:05d}.pt"
             result = load_tensors(path)
             if result is None:
-                result = harness.evaluate(model, dataset, prepared, indices, device=opts.device,
-                                          batch_size=opts.batch_size, workers=opts.workers, progress=progress)
+                with autocast(opts.precision, opts.device):
+                    result = harness.evaluate(model, dataset, prepared, indices, device=opts.device,
+                                              batch_size=opts.batch_size, workers=opts.workers, progress=progress)
                 save_tensors(path, result)
                 computed += 1
             else:
@@ -271,6 +279,7 @@ def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: Ru
         "details": details,
         "metrics": metrics,
         "per_class": per_class,
+        "precision": describe_precision(opts.precision, opts.device),
         "environment": relativize(environment(opts.device), roots),
         "roots": {name: ROOT_MEANING[name] for name in roots},
         "timing": {"wall_seconds": wall, "images_per_second": n / wall if wall > 0 else None,
