@@ -151,3 +151,21 @@ class Harness(abc.ABC):
             raise RuntimeError(f"harness {self.task['harness']!r} did not return the metrics {missing} that "
                                f"tasks/{self.task['name']}.yaml reports")
         return metrics
+
+
+class CountsHarness(Harness):
+    """A harness built from a module's `setup`, `evaluate` (-> integer-count state) and
+    `finalize(dataset, state)` functions: the state travels as the shard result's sums.
+    Subclasses name the functions (`module_setup`, `module_evaluate`, `module_finalize`)."""
+
+    module_setup = module_evaluate = module_finalize = None
+
+    def setup(self, model, dataset, protocol, device, cache=None):
+        return self.module_setup(model, dataset, protocol, device, cache=cache)
+
+    def evaluate(self, model, dataset, prepared, indices, *, device, batch_size=16, workers=0, progress=None):
+        return {SUMS: self.module_evaluate(model, dataset, prepared, indices, device=device,
+                                           batch_size=batch_size, workers=workers, progress=progress)}
+
+    def finalize(self, dataset, merged, prepared):
+        return self.module_finalize(dataset, merged[SUMS])

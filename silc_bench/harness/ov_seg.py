@@ -28,7 +28,7 @@ from silc_bench import paths
 from silc_bench.data.loading import iterate
 from silc_bench.errors import UserError
 from silc_bench.harness.zs_seg import slide_windows
-from silc_bench.harness.base import SUMS, Harness
+from silc_bench.harness.base import CountsHarness
 from silc_bench.hashing import sha256_json
 from silc_bench.metrics.segmentation import SegmentationMetric
 
@@ -311,7 +311,7 @@ def finalize(dataset, state: dict) -> tuple[dict, dict]:
     return headline, per_class
 
 
-class OpenVocabSegmentation(Harness):
+class OpenVocabSegmentation(CountsHarness):
     """`ov-seg` behind the task interface: `--model` names a trained CAT-Seg; the task spec's
     `dataset_entries` say which on-disk layouts can serve each Table 3 column."""
 
@@ -322,12 +322,4 @@ class OpenVocabSegmentation(Harness):
         dataset.decoder = "pil_exif"  # detectron2's read_image: PIL with EXIF orientation applied
         return dataset
 
-    def setup(self, model, dataset, protocol, device, cache=None):
-        return setup(model, dataset, protocol, device, cache=cache)
-
-    def evaluate(self, model, dataset, prepared, indices, *, device, batch_size=16, workers=0, progress=None):
-        return {SUMS: evaluate(model, dataset, prepared, indices, device=device, batch_size=batch_size,
-                               workers=workers, progress=progress)}
-
-    def finalize(self, dataset, merged, prepared):
-        return finalize(dataset, merged[SUMS])
+    module_setup, module_evaluate, module_finalize = staticmethod(setup), staticmethod(evaluate), staticmethod(finalize)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from silc_bench.data.loading import iterate
 from silc_bench.data.prompts import get_templates, prompt_set_hash
-from silc_bench.harness.base import SUMS, Harness
+from silc_bench.harness.base import CountsHarness
 from silc_bench.metrics.segmentation import SegmentationMetric
 
 
@@ -222,18 +222,10 @@ def finalize(dataset, state: dict) -> tuple[dict, dict]:
     return headline, per_class
 
 
-class ZeroShotSegmentation(Harness):
+class ZeroShotSegmentation(CountsHarness):
     """`zs-seg` behind the task interface; the shard result is the metric's integer counts."""
 
     def open_dataset(self, name, data_root, limit=None):
         return open_dataset(name, data_root, limit=limit)  # decoded with cv2, as mmseg does
 
-    def setup(self, model, dataset, protocol, device, cache=None):
-        return setup(model, dataset, protocol, device, cache=cache)
-
-    def evaluate(self, model, dataset, prepared, indices, *, device, batch_size=16, workers=0, progress=None):
-        return {SUMS: evaluate(model, dataset, prepared, indices, device=device, batch_size=batch_size,
-                               workers=workers, progress=progress)}
-
-    def finalize(self, dataset, merged, prepared):
-        return finalize(dataset, merged[SUMS])
+    module_setup, module_evaluate, module_finalize = staticmethod(setup), staticmethod(evaluate), staticmethod(finalize)
