@@ -20,7 +20,8 @@ from silc_bench.data.classification import open_split
 from silc_bench.data.prompts import canonicalize_text, get_templates, prompt_set_hash
 from silc_bench.data.transforms import ImageTransform
 from silc_bench.harness.base import EXAMPLES, INDEX, Harness
-from silc_bench.harness.image_level import cache_key, dataset_entry, image_embeddings, text_embeddings, text_settings
+from silc_bench.harness.image_level import dataset_entry, image_embeddings
+from silc_bench.harness.text import cache_key, text_embeddings, text_settings
 from silc_bench.hashing import sha256_json
 
 TOP_K = 5

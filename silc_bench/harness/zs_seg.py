@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from silc_bench.data.loading import iterate
 from silc_bench.data.prompts import get_templates, prompt_set_hash
 from silc_bench.harness.base import CountsHarness
+from silc_bench.harness.text import cache_key, text_embeddings
 from silc_bench.metrics.segmentation import SegmentationMetric
 
 
@@ -71,11 +72,8 @@ def class_embeddings(model, classnames: list[list[str]], templates: list[str], d
     with their first name, which leaves a max over synonyms unchanged)."""
     names = sorted({n for syns in classnames for n in syns})
     prompts = [t.format(n) for n in names for t in templates]
-    chunks = []
-    for i in range(0, len(prompts), batch_size):
-        ids = model.tokenize(prompts[i:i + batch_size]).to(device)
-        chunks.append(F.normalize(model.encode_text(ids).float(), dim=-1))
-    per_prompt = torch.cat(chunks).view(len(names), len(templates), -1)
+    per_prompt = text_embeddings(model, prompts, device, batch_size).to(device)
+    per_prompt = per_prompt.view(len(names), len(templates), -1)
     per_name = F.normalize(per_prompt.mean(dim=1), dim=-1)
     index = {n: i for i, n in enumerate(names)}
     width = max(len(s) for s in classnames)
@@ -103,11 +101,7 @@ class ZsSegSetup:
 
 def text_cache_key(model, classnames, templates) -> dict | None:
     """Everything that changes class text embeddings; None (do not cache) without a checkpoint hash."""
-    info = model.describe()
-    if not info.get("sha256"):
-        return None
-    return {"what": "class_text_embeddings/v1", "model_sha256": info["sha256"], "format": info.get("format"),
-            "tokenizer": info["tokenizer"], "templates": list(templates), "classnames": classnames}
+    return cache_key(model, "class_text_embeddings/v1", templates=list(templates), classnames=classnames)
 
 
 def setup(model, dataset, protocol: dict, device, cache=None) -> ZsSegSetup:
