@@ -6,7 +6,6 @@ owns datasets, setup, per-shard evaluation, merging and metrics (contract: silc_
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 import shutil
@@ -84,9 +83,7 @@ def _weights_file(spec: str) -> Path | None:
     return path if path.exists() else None
 
 
-@functools.lru_cache(maxsize=64)
-def _content_hash(path: str, size: int, mtime: float) -> str:
-    p = Path(path)
+def _content_hash(p: Path) -> str:
     if p.is_dir():
         files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin")) or sorted(p.glob("*.pt"))
         return sha256_json([sha256_file(f) for f in files]) if files else sha256_dir(p)
@@ -100,8 +97,7 @@ def model_folder(spec: str, opts: RunOptions | None = None) -> str:
     path = _weights_file(spec)
     if path is None or not path.exists():  # e.g. open_clip:ARCH:TAG (a tag, not a path)
         return slug(spec)
-    stat = path.stat()
-    digest = _content_hash(str(path.resolve()), stat.st_size, stat.st_mtime)
+    digest = _content_hash(path)
     kind = spec.split(":", 1)[0] if ":" in spec else "npz" if spec.endswith(".npz") else "model"
     return f"{kind}-{slug(path.stem if path.is_file() else path.name)}-{digest[:12]}"
 
