@@ -46,13 +46,9 @@ class RunOptions:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (silc_bench/precision.py); part of the record's identity
 
 
-def harness_for(task: dict) -> Harness:
-    return get_harness(task)
-
-
 def protocol_for(task: dict, dataset, overrides: dict | None) -> dict:
     """Task protocol, then the dataset's own overrides for this task, then the user's."""
-    return harness_for(task).protocol_for(dataset, overrides)
+    return get_harness(task).protocol_for(dataset, overrides)
 
 
 def output_path(task_name: str, model_spec: str, dataset_name: str, opts: RunOptions) -> Path:
@@ -211,7 +207,7 @@ def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: Ru
     per-example outputs put in index order), exact whatever the split.
     """
     rank, world = _distributed()
-    harness = harness or harness_for(task)
+    harness = harness or get_harness(task)
     dataset = harness.open_dataset(dataset_name, opts.data_root, limit=opts.limit)
     protocol = harness.protocol_for(dataset, opts.protocol_overrides)
     start = time.perf_counter()
@@ -297,7 +293,7 @@ ROOT_MEANING = {
 def run(task_name: str, model_specs: list[str], dataset_names: list[str] | None, opts: RunOptions) -> list[dict]:
     """Every (model, dataset) pair; pairs with a record already written are skipped unless `force`."""
     task = registry.task_spec(task_name)
-    harness = harness_for(task)
+    harness = get_harness(task)
     dataset_names = dataset_names or task["datasets"]
     _distributed()
     records = []

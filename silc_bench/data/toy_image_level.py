@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from silc_bench import paths
 from silc_bench.data import toyworld
@@ -28,13 +27,6 @@ CLS_COUNTS = {"train": 1200, "val": 480}
 CAPTION_IMAGES = 500
 CAPTIONS_PER_IMAGE = 5
 _CAPTION_STREAM = 7  # rng stream of the extra captions (not a scene stream)
-
-
-def _save_png(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(path)
 
 
 def _done(manifest: Path, params: dict) -> bool:
@@ -60,7 +52,7 @@ def write_classification(root: Path, seed: int = 0) -> Path:
             (out / folder / name).mkdir(parents=True, exist_ok=True)
         for i in range(CLS_COUNTS[folder]):
             image, name = single_object_scene(i, stream, seed)
-            _save_png(out / folder / name / f"{i:05d}.png", image)
+            toyworld.save_image(out / folder / name / f"{i:05d}.png", image, jpeg_quality=0)  # PNG: quality unused
     (out / "manifest.json").write_text(json.dumps(params))
     return out
 
@@ -84,10 +76,11 @@ def write_captions(root: Path, seed: int = 0) -> Path:
     if _done(out / "manifest.json", params):
         return out
     images = []
+    (out / "images").mkdir(parents=True, exist_ok=True)
     for i in range(CAPTION_IMAGES):
         scene = toyworld.render(i, seed=seed, size=SIZE, split="validation")
         name = f"toy_{i:05d}.png"
-        _save_png(out / "images" / name, scene.image)
+        toyworld.save_image(out / "images" / name, scene.image, jpeg_quality=0)  # PNG: quality unused
         images.append({"filepath": "images", "filename": name, "split": "test", "imgid": i,
                        "sentences": [{"raw": c} for c in extra_captions(scene, i, seed, CAPTIONS_PER_IMAGE)]})
     tmp = out / ".dataset_toy.json.tmp"

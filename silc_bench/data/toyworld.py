@@ -419,7 +419,7 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _save(path: Path, array: np.ndarray, jpeg_quality: int) -> None:
+def save_image(path: Path, array: np.ndarray, jpeg_quality: int) -> None:
     """JPEG without chroma subsampling (4:2:0 smears the 2-px colour patterns: mean error 9 vs 3), or PNG."""
     from PIL import Image
 
@@ -450,8 +450,8 @@ def write_ade_split(root, split: str = "validation", num_images: int = EVAL_NUM_
         return base
     for i in range(num_images):
         scene = render(i, seed, size, ADE_SPLIT_STREAM[split])
-        _save(img_dir / f"toyworld_{split}_{i:06d}.jpg", scene.image, jpeg_quality)
-        _save(ann_dir / f"toyworld_{split}_{i:06d}.png", scene.labels + np.uint8(1), jpeg_quality)
+        save_image(img_dir / f"toyworld_{split}_{i:06d}.jpg", scene.image, jpeg_quality)
+        save_image(ann_dir / f"toyworld_{split}_{i:06d}.png", scene.labels + np.uint8(1), jpeg_quality)
     (base / "toyworld_classnames.txt").write_text("\n".join(CLASSES) + "\n")
     manifest.write_text(json.dumps(params, indent=1))
     return base
@@ -490,7 +490,7 @@ def write_detection_split(root, split: str = "val", num_images: int = EVAL_NUM_I
     for i in range(num_images):
         scene = render(i, seed, size, stream)
         name = f"toyworld_{split}_{i:06d}.jpg"
-        _save(img_dir / name, scene.image, jpeg_quality)
+        save_image(img_dir / name, scene.image, jpeg_quality)
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
         for j, inst in enumerate(scene.instances):
             x1, y1, x2, y2 = inst.box
