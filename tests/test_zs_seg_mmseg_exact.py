@@ -20,6 +20,10 @@ from silc_bench.harness import get_harness, zs_seg
 mmcv = pytest.importorskip("mmcv")
 cv2 = pytest.importorskip("cv2")
 
+# A tiny open_clip ViT (patch 16): registered as an architecture, and written into a local-dir folder.
+OPEN_CLIP_CFG = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16,
+                                                 "patch_size": 16, "mlp_ratio": 2.0},
+                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
 SIZES = [(37, 53), (61, 45), (300, 2000)]  # (h, w): odd sizes, then wider than 4.6:1
 
 
@@ -73,11 +77,8 @@ def data_root(tmp_path_factory):
 def open_clip_model(tmp_path_factory):
     import open_clip
 
-    cfg = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16,
-                                           "patch_size": 16, "mlp_ratio": 2.0},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
     path = tmp_path_factory.mktemp("oc") / "SilcMmsegRef-ViT.json"
-    path.write_text(json.dumps(cfg))
+    path.write_text(json.dumps(OPEN_CLIP_CFG))
     open_clip.add_model_config(path)
     return load_model("open_clip:SilcMmsegRef-ViT:random-init")
 
@@ -176,11 +177,7 @@ def test_local_dir_records_carry_the_weights_hash(tmp_path, open_clip_model):
 
     folder = tmp_path / "ocdir"
     folder.mkdir()
-    cfg = json.loads(json.dumps({"model_cfg": {"embed_dim": 24, "vision_cfg": {
-        "image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16, "mlp_ratio": 2.0},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}},
-        "preprocess_cfg": {}}))
-    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": {}}))
     save_file({k: v.contiguous() for k, v in open_clip_model.model.state_dict().items()},
               str(folder / "open_clip_model.safetensors"))
     model = load_model(f"open_clip:local-dir:{folder}")
