@@ -96,8 +96,13 @@ def cmd_run(args) -> int:
     datasets = parse_list(args.datasets) or task["datasets"]
     for name in datasets:
         registry.dataset_entry(name)  # fail on a typo before loading any model
-    run(args.task, models, datasets, opts)
-    if not _is_rank_zero():
+    finished = False
+    try:
+        run(args.task, models, datasets, opts)
+        rank_zero, finished = _is_rank_zero(), True
+    finally:
+        _leave_process_group(wait_for_all=finished)
+    if not rank_zero:
         return 0
     # The table shows every record of the requested pairs, including ones skipped as already done.
     from silc_bench.runner import declared_roots, relativize
@@ -114,6 +119,18 @@ def cmd_run(args) -> int:
     atomic_write_text(Path(args.out) / args.task / "table.md", table)
     print(table)
     return 0
+
+
+def _leave_process_group(wait_for_all: bool) -> None:
+    """Under torchrun, every rank leaves the process group before the interpreter exits: a gloo
+    group torn down at exit while another rank still works aborts the process ("terminate called
+    without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _is_rank_zero() -> bool:
