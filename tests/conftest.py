@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 _WORDS = {
     "det": ["a", "the", "one", "my", "this", "that", "some"],
@@ -81,3 +82,14 @@ def tiny_big_vision_npz(tmp_path_factory, sp_model_path):
 def tiny_config():
     """The `tiny_two_tower_config(**img_overrides)` factory, as a fixture."""
     return tiny_two_tower_config
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a whole module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    float sums then run in one order, as in the subprocesses those modules start, and tiny tensors
+    on 2 shared cores do not contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

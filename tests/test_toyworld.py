@@ -45,6 +45,12 @@ def test_class_lists():
         shape, pattern = tw.THING_STYLE[c]
         assert any(s == shape for s, _ in seen_styles) and any(p == pattern for _, p in seen_styles)
     assert len(set(tw.THING_STYLE.values())) == len(tw.THING_CLASSES)  # (shape, pattern) is the class
+    # world 2: (colour, pattern) is the class, and unseen classes share both with seen ones too
+    assert len(set(tw.THING_STYLE_V2.values())) == len(tw.THING_CLASSES)
+    seen_v2 = [tw.THING_STYLE_V2[c] for c in tw.THING_CLASSES if c not in tw.UNSEEN_CLASSES]
+    for c in tw.UNSEEN_CLASSES:
+        colour, pattern = tw.THING_STYLE_V2[c]
+        assert any(s == colour for s, _ in seen_v2) and any(p == pattern for _, p in seen_v2)
     lines = tw.CLASSNAMES_FILE.read_text().splitlines()
     assert [ln.split(",")[0].strip() for ln in lines] == list(tw.CLASSES)
 
@@ -61,12 +67,34 @@ def test_determinism_and_streams():
         tw.render(0, 0, 64, "nonsense")
 
 
-@pytest.mark.parametrize("size", [64, 96])
-def test_labels_instances_captions_agree(size):
+def test_world_versions():
+    """World 1 is what the shipped toy checkpoints and the CI baseline were measured on: its scenes
+    must not change (label maps and captions hashed, stable across numpy's float kernels)."""
+    import hashlib
+
+    def digest(world):
+        h = hashlib.sha256()
+        for i in range(4):
+            for split, size in (("pretrain", 64), ("validation", 96)):
+                s = tw.render(i, 0, size, split, world=world)
+                h.update(s.labels.tobytes())
+                h.update(s.caption.encode())
+        return h.hexdigest()
+
+    assert digest(1) == "eecc763309e1b7591fe5e31160a0f51e609ab51b3c1c650750bdbea4903172c0"
+    assert tw.render(2, 0, 64).caption == tw.render(2, 0, 64, world=tw.DEFAULT_WORLD).caption
+    assert not np.array_equal(tw.render(0, 0, 64, world=2).image, tw.render(0, 0, 64, world=1).image)
+    with pytest.raises(UserError, match="world version"):
+        tw.render(0, 0, 64, world=3)
+    assert tw.PretrainDataset(seed=0, length=4, world=2)[1]["caption"] == tw.render(1, 0, 64, world=2).caption
+
+
+@pytest.mark.parametrize("size,world", [(64, 1), (96, 1), (64, 2), (96, 2)])
+def test_labels_instances_captions_agree(size, world):
     nst = len(tw.STUFF_CLASSES)
-    n_objects = []
+    n_objects, stuff_named = [], []
     for i in range(150):
-        s = tw.render(i, 1, size)
+        s = tw.render(i, 1, size, world=world)
         assert s.image.shape == (size, size, 3) and s.image.dtype == np.uint8
         assert s.labels.shape == (size, size) and s.labels.max() < tw.NUM_CLASSES
         on_stuff = s.instance_map < 0
@@ -81,9 +109,20 @@ def test_labels_instances_captions_agree(size):
             assert inst.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
         present = set(s.classes)
         assert {inst.class_id for inst in s.instances} == {k for k in present if k >= nst}
-        assert _mentioned(s.caption) == present, (s.caption, [tw.CLASSES[k] for k in present])
+        named = _mentioned(s.caption)
+        if world == 1:  # every class present is named
+            assert named == present, (s.caption, [tw.CLASSES[k] for k in present])
+        else:  # every thing; the background all or not at all
+            stuff = {k for k in present if k < nst}
+            assert named - stuff == present - stuff and named & stuff in (set(), stuff), s.caption
+            stuff_named.append(bool(named & stuff))
+        if world == 2:  # the thing's colour is its class's
+            for inst in s.instances:
+                assert inst.colour == tw.THING_STYLE_V2[tw.CLASSES[inst.class_id]][0]
     if size == 64:
-        assert max(n_objects) == 4
+        assert max(n_objects) == tw.WORLDS[world].objects_per_64px
+    if world == 2:
+        assert 0.2 < np.mean(stuff_named) < 0.4  # named 30% of the time
 
 
 def test_render_is_fast():
@@ -135,6 +174,13 @@ def test_ade_layout_round_trip(tmp_path):
     assert len(list((base / "images" / "validation").glob("*.jpg"))) == 3
     assert len(list((base / "annotations" / "validation").glob("*.png"))) == 3
     assert json.loads((base / "toyworld_validation.json").read_text())["num_images"] == 3
+    # another world version is another split: refused over this one, recorded in its manifest
+    with pytest.raises(UserError):
+        tw.write_eval_split(root, num_images=3, size=96, seed=3, world=2)
+    base2 = tw.write_eval_split(tmp_path / "v2", num_images=2, size=96, seed=3, world=2)
+    assert json.loads((base2 / "toyworld_validation.json").read_text())["world_version"] == 2
+    lab = np.array(Image.open(base2 / "annotations" / "validation" / "toyworld_validation_000001.png"))
+    assert np.array_equal(lab, tw.render(1, 3, 96, "validation", world=2).labels + 1)
 
 
 def test_ade_split_through_the_segmentation_reader(tmp_path):
@@ -222,3 +268,24 @@ def test_colour_alone_does_not_segment():
     hist_miou = _miou(hist.argmax(1)[q(xv)], yv, k)
     print(f"colour prototype mIoU {proto_miou:.4f}, colour histogram mIoU {hist_miou:.4f}")
     assert proto_miou < 0.08 and hist_miou < 0.08
+
+
+def test_world_2_colour_finds_stuff_but_not_things():
+    """World 2 gives each class its colours, as the real world does: a per-pixel colour rule fitted
+    on labels segments stuff (measured 72% IoU) but not things (9%), which share colours in fours
+    and differ by pattern."""
+    k, nst = tw.NUM_CLASSES, len(tw.STUFF_CLASSES)
+    train = [tw.render(i, 0, 64, "train", world=2) for i in range(120)]
+    val = [tw.render(i, 0, 96, "validation", world=2) for i in range(40)]
+    x = np.concatenate([s.image.reshape(-1, 3) for s in train])
+    y = np.concatenate([s.labels.ravel() for s in train]).astype(np.int64)
+    xv = np.concatenate([s.image.reshape(-1, 3) for s in val])
+    yv = np.concatenate([s.labels.ravel() for s in val]).astype(np.int64)
+    q = lambda im: ((im.astype(np.int64) // 16) * np.array([256, 16, 1])).sum(1)
+    hist = np.zeros((16 ** 3, k))
+    np.add.at(hist, (q(x), y), 1)
+    pred = hist.argmax(1)[q(xv)]
+    inter = np.bincount(yv[pred == yv], minlength=k)
+    union = np.bincount(pred, minlength=k) + np.bincount(yv, minlength=k) - inter
+    iou = inter / np.maximum(union, 1)
+    assert iou[:nst].mean() > 0.5 and iou[nst:].mean() < 0.15, (iou[:nst].mean(), iou[nst:].mean())

@@ -38,16 +38,11 @@ def _tiny(variant: str) -> dict:
 
 
 def _env() -> dict:
-    # one thread, as in this process (fixture below), so the subprocess's sums run in the same order
+    # one thread, as in this process (the one_thread fixture), so the subprocess's sums run in the same order
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _losses(out_dir) -> list[tuple[int, float]]:

@@ -116,12 +116,17 @@ A_PHOTO_OF = ["a photo of a {}."]
 # plus the bare class name (google-research/big_vision evaluators/proj/image_text/prompt_engineering.py).
 CLIP_PAPER_81 = OPENAI_IMAGENET_80 + ["{}"]
 
+# The toy world's own set (silc_bench/data/toyworld.py): worded as its captions are, with only
+# words its 256-piece tokenizer was trained on (the 80 templates' words are split into letters).
+TOYWORLD = ["{}.", "a {}.", "a photo of a {}.", "a picture of a {}."]
+
 TEMPLATE_SETS: dict[str, list[str]] = {
     "openai_imagenet_80": OPENAI_IMAGENET_80,
     "clip_paper": CLIP_PAPER_81,
     "class_name_only": ["{}"],
     "tcl_9": TCL_9,
     "a_photo_of": A_PHOTO_OF,
+    "toyworld": TOYWORLD,
 }
 
 

@@ -82,7 +82,7 @@ def open_dataset(name: str, data_root: str | Path | None = None, limit: int | No
 
             print(f"silc-bench: generating the toy world dataset {name!r} (first use) in {root}; to write it "
                   f"elsewhere pass --data-root DIR or set ${paths.DATA_ENV}", file=sys.stderr, flush=True)
-            toyworld.write_eval_split(root)
+            toyworld.write_eval_split(root, world=entry.get("world", toyworld.DEFAULT_WORLD))
     return dataset_from_entry(entry, data_root, limit)
 
 

@@ -2,11 +2,17 @@
 whose evaluation splits sit in the real datasets' on-disk layouts (ADE20K, COCO), so the same
 readers and harnesses that evaluate real checkpoints evaluate toy ones, with known answers.
 
-Scenes: 1-2 "stuff" backgrounds (each a texture) and thing objects, each thing class a unique
-(shape, pattern) pair. Every colour, stuff included, comes from one shared palette, so colour
-alone does not segment the world: shape and texture do. The world has a fixed pixel scale
-(object radius 6-13 px, texture periods 4-14 px); a larger `size` shows more of it, which matches
-slide inference with 64-px crops over 96-px images.
+Scenes: 1-2 "stuff" backgrounds (each a texture) and thing objects. The world has a fixed pixel
+scale (texture periods 4-14 px); a larger `size` shows more of it, which matches slide inference
+with 64-px crops over 96-px images. Its appearance rules come in versions (`WORLDS`, chosen by
+`world=`; every split and manifest records it):
+- world 1: each thing class a unique (shape, pattern) pair, every colour (stuff included) from one
+  shared palette, so colour alone does not segment it; objects of radius 6-13 px; captions name
+  every class present. Tiny models do not learn its thing classes at all (README, toy world).
+- world 2: each thing class a unique (colour, pattern) pair, readable from any patch of its
+  interior, with a shape drawn at random; each stuff class its own colour family (grass is green,
+  sky blue), families overlapping so texture still matters; objects of radius 8-15 px; captions
+  name every thing, and the background only 30% of the time (alt-text rarely does).
 
 Streams: a scene is a pure function of (split, seed, index): `np.random.default_rng` seeded with
 [stream code, seed, index], so pretraining ("pretrain") and evaluation ("validation") never share
@@ -26,12 +32,14 @@ from torch.utils.data import Dataset
 
 from silc_bench.errors import UserError
 
-WORLD_VERSION = 1
+WORLD_VERSION = 1  # the default world (see WORLDS); kept for the manifests of world-1 splits
 
 STUFF_CLASSES = ("grass", "sand", "water", "brick", "sky", "snow")
 SHAPES = ("disk", "square", "triangle", "star", "ring", "cross")
 PATTERNS = ("solid", "striped", "dotted", "checkered")
-# Thing classes: rows are shapes, columns patterns (the name is arbitrary; the pair defines it).
+THING_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
+# Thing classes: rows are shapes (world 1) or colours (world 2), columns patterns (the name is
+# arbitrary; the pair defines it).
 _THING_GRID = (
     ("ball", "drum", "cookie", "clock"),        # disk
     ("box", "book", "cushion", "window"),       # square
@@ -42,10 +50,11 @@ _THING_GRID = (
 )
 THING_CLASSES = tuple(name for row in _THING_GRID for name in row)
 THING_STYLE = {name: (SHAPES[i], PATTERNS[j]) for i, row in enumerate(_THING_GRID) for j, name in enumerate(row)}
+THING_STYLE_V2 = {name: (THING_COLOURS[i], PATTERNS[j]) for i, row in enumerate(_THING_GRID) for j, name in enumerate(row)}
 CLASSES = STUFF_CLASSES + THING_CLASSES  # label order: class k is stored as k + 1 in ADE pngs
 NUM_CLASSES = len(CLASSES)
-# Held out for open-vocabulary tasks: one per shape, patterns spread, so every unseen class
-# shares its shape and its pattern with seen classes. They still appear in pretraining captions.
+# Held out for open-vocabulary tasks: one per grid row, patterns spread, so every unseen class
+# shares its shape (world 1) or colour (world 2) and its pattern with seen classes. They still appear in pretraining captions.
 UNSEEN_CLASSES = ("drum", "cushion", "sail", "flower", "tire", "anchor")
 SEEN_CLASSES = tuple(c for c in CLASSES if c not in UNSEEN_CLASSES)
 
@@ -56,6 +65,36 @@ PALETTE = {
 }
 COLOUR_NAMES = tuple(PALETTE)
 _PAL = np.array(list(PALETTE.values()), np.float32)
+# World 2's stuff colours: a pair per class (the texture's c1, c2), as grass is green and sky blue.
+_STUFF_FAMILY = {
+    "grass": ((70, 150, 50), (30, 90, 30)), "sand": ((215, 190, 135), (175, 145, 90)),
+    "water": ((40, 100, 170), (90, 170, 205)), "brick": ((165, 70, 50), (205, 195, 185)),
+    "sky": ((110, 160, 230), (235, 240, 250)), "snow": ((215, 220, 230), (252, 252, 252)),
+}
+
+
+@dataclass(frozen=True)
+class World:
+    """The appearance rules of one world version (module docstring)."""
+
+    version: int
+    class_key: str                       # what, with the pattern, makes a thing class: "shape" | "colour"
+    stuff_colours: str                   # "palette": any palette colour | "family": the class's own pair
+    object_radius: tuple[float, float]   # px
+    objects_per_64px: int                # at most this many objects per 64 x 64 px
+    colour_word_p: float                 # captions: chance a single object is named with its colour
+    stuff_mention_p: float               # captions: chance the background is named at all
+
+
+WORLDS = {1: World(1, "shape", "palette", (6.0, 13.0), 4, 0.25, 1.0),
+          2: World(2, "colour", "family", (8.0, 15.0), 3, 0.0, 0.3)}
+DEFAULT_WORLD = 1
+
+
+def get_world(version) -> World:
+    if int(version) not in WORLDS:
+        raise UserError(f"unknown toy world version {version!r}", fix=f"use one of {sorted(WORLDS)}")
+    return WORLDS[int(version)]
 
 STREAMS = {"pretrain": 1, "train": 2, "validation": 3, "tokenizer": 4}
 ADE_SPLIT_STREAM = {"training": "train", "validation": "validation"}
@@ -181,7 +220,14 @@ def _snow(rng, x, y, size):
 _STUFF_TEXTURES = (_grass, _sand, _water, _brick, _sky, _snow)
 
 
-def _stuff_colours(rng, k: int) -> tuple[int, np.ndarray, np.ndarray]:
+def _stuff_colours(rng, k: int, world: World) -> tuple[int, np.ndarray, np.ndarray]:
+    """(palette index of the main colour or -1, c1, c2) of a stuff texture."""
+    if world.stuff_colours == "family":  # the class's pair, each jittered per channel, order random but for sky/snow/brick
+        name = STUFF_CLASSES[k]
+        c1, c2 = (np.array(c, np.float32) * rng.uniform(0.85, 1.15, 3).astype(np.float32) for c in _STUFF_FAMILY[name])
+        if name not in ("snow", "sky", "brick") and rng.random() < 0.5:
+            c1, c2 = c2, c1
+        return -1, c1, c2
     i = int(rng.integers(len(_PAL)))
     c1 = _PAL[i] * rng.uniform(0.85, 1.15)
     if STUFF_CLASSES[k] == "snow":  # pale base, bright sparkles
@@ -247,8 +293,9 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def compose_caption(rng, things: list[tuple[int, str]], stuff: list[int]) -> str:
-    """Name every present class, not where: `things` = (class id, colour name) per instance."""
+def compose_caption(rng, things: list[tuple[int, str]], stuff: list[int], world: World = WORLDS[1]) -> str:
+    """Name the present classes, not where: `things` = (class id, colour name) per instance. Every
+    thing is named; the background with probability `world.stuff_mention_p`."""
     order, counts, colour = [], {}, {}
     for cid, col in things:
         if cid not in counts:
@@ -262,9 +309,11 @@ def compose_caption(rng, things: list[tuple[int, str]], stuff: list[int]) -> str
         if n > 1:
             objs.append(f"{_NUMBERS[min(n, 9)]} {plural(name)}")
             continue
-        if rng.random() < 0.25:
+        if world.colour_word_p and rng.random() < world.colour_word_p:
             name = f"{colour[cid]} {name}"
         objs.append(("an " if name[0] in "aeiou" else "a ") + name)
+    if world.stuff_mention_p < 1 and rng.random() >= world.stuff_mention_p:
+        stuff = []
     stuff_words = [CLASSES[k] for k in rng.permutation(stuff)] if len(stuff) else []
     if not objs:  # cannot happen in render (the first object is always placed); kept total
         return _join(stuff_words)
@@ -275,8 +324,9 @@ def compose_caption(rng, things: list[tuple[int, str]], stuff: list[int]) -> str
 
 # ---- scenes -------------------------------------------------------------------------------
 def render(index: int, seed: int = 0, size: int = 64, split: str = "pretrain", *,
-           max_objects: int | None = None) -> Scene:
-    """Scene `index` of stream (`split`, `seed`): deterministic, no global RNG."""
+           max_objects: int | None = None, world: int = DEFAULT_WORLD) -> Scene:
+    """Scene `index` of stream (`split`, `seed`) of world version `world`: deterministic, no global RNG."""
+    w = get_world(world)
     rng = _rng(split, seed, index)
     x, y = _grid(size)
     nst = NUM_CLASSES - len(THING_CLASSES)
@@ -301,7 +351,7 @@ def render(index: int, seed: int = 0, size: int = 64, split: str = "pretrain", *
     img = np.empty((size, size, 3), np.float32)
     stuff_cols = []
     for k in ks:
-        ci, c1, c2 = _stuff_colours(rng, int(k))
+        ci, c1, c2 = _stuff_colours(rng, int(k), w)
         stuff_cols.append(ci)
         t = _STUFF_TEXTURES[k](rng, x, y, size)[..., None]
         mix = c1 * (1 - t) + c2 * t
@@ -314,18 +364,27 @@ def render(index: int, seed: int = 0, size: int = 64, split: str = "pretrain", *
     # Objects, later ones on top; a placement that would hide more than half of an earlier
     # object is retried elsewhere, so every placed object stays recognisable.
     if max_objects is None:
-        max_objects = min(8, max(1, round(4 * size * size / 4096)))
+        max_objects = min(8, max(1, round(w.objects_per_64px * size * size / 4096)))
     n_obj = int(rng.integers(1, max_objects + 1))
     owner = np.full((size, size), -1, np.int16)
     placed: list[tuple[int, int, str]] = []   # (class id, full area, colour name)
     for _ in range(n_obj):
         tid = int(rng.integers(len(THING_CLASSES)))
-        shape, pattern = THING_STYLE[THING_CLASSES[tid]]
-        r = rng.uniform(6, 13)
+        if w.class_key == "shape":
+            shape, pattern = THING_STYLE[THING_CLASSES[tid]]
+        else:  # the colour is the class's; the shape is drawn
+            colour_name, pattern = THING_STYLE_V2[THING_CLASSES[tid]]
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        r = rng.uniform(*w.object_radius)
         theta = rng.uniform(0, 2 * np.pi)
         period = rng.uniform(4, 6)
-        ci = int(rng.choice([i for i in range(len(_PAL)) if i not in stuff_cols]))
-        cj = int(rng.choice([i for i in range(len(_PAL)) if i != ci]))
+        if w.class_key == "shape":
+            ci = int(rng.choice([i for i in range(len(_PAL)) if i not in stuff_cols]))
+            cj = int(rng.choice([i for i in range(len(_PAL)) if i != ci]))
+        else:  # second colour: white on dark colours, black on light ones
+            ci = COLOUR_NAMES.index(colour_name)
+            cj = COLOUR_NAMES.index("white" if colour_name in ("red", "blue", "purple") else "black")
+            main = _PAL[ci] * rng.uniform(0.85, 1.15, 3).astype(np.float32)
         for _try in range(8 if placed else 64):  # the first object (nothing to occlude) always lands
             cx, cy = rng.uniform(0.4 * r, size - 0.4 * r, 2)
             e = _EXTENT[shape] * r
@@ -347,7 +406,9 @@ def render(index: int, seed: int = 0, size: int = 64, split: str = "pretrain", *
                     continue
             t = _pattern(pattern, pu, pv, period)
             shade = (1 + 0.08 * (pu - pv) / r)[..., None]
-            col = np.where(t[..., None], _PAL[cj], _PAL[ci] * rng.uniform(0.85, 1.15)) * shade
+            if w.class_key == "shape":
+                main = _PAL[ci] * rng.uniform(0.85, 1.15)
+            col = np.where(t[..., None], _PAL[cj], main) * shade
             img[y0:y1, x0:x1][m] = col[m]
             labels[y0:y1, x0:x1][m] = nst + tid
             win[m] = len(placed)
@@ -368,15 +429,16 @@ def render(index: int, seed: int = 0, size: int = 64, split: str = "pretrain", *
 
     present = np.bincount(labels.ravel(), minlength=NUM_CLASSES)
     stuff = [k for k in range(nst) if present[k]]
-    caption = compose_caption(rng, [(inst.class_id, inst.colour) for inst in instances], stuff)
+    caption = compose_caption(rng, [(inst.class_id, inst.colour) for inst in instances], stuff, w)
     return Scene(image, labels, owner, instances, caption)
 
 
 class PretrainDataset(Dataset):
     """Image-caption pairs rendered on the fly; item i is always the same scene (resumable)."""
 
-    def __init__(self, seed: int, length: int, size: int = 64, split: str = "pretrain"):
+    def __init__(self, seed: int, length: int, size: int = 64, split: str = "pretrain", world: int = DEFAULT_WORLD):
         _rng(split, seed, 0)  # validates split and seed
+        self.world = get_world(world).version
         self.seed, self.length, self.size, self.split = int(seed), int(length), int(size), split
 
     def __len__(self) -> int:
@@ -385,7 +447,7 @@ class PretrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        scene = render(index, self.seed, self.size, self.split)
+        scene = render(index, self.seed, self.size, self.split, world=self.world)
         return {"image": torch.from_numpy(scene.image).permute(2, 0, 1).contiguous(), "caption": scene.caption}
 
 
@@ -427,14 +489,15 @@ def save_image(path: Path, array: np.ndarray, jpeg_quality: int) -> None:
     _write_atomic(path, lambda p: Image.fromarray(array).save(p, **fmt))
 
 
-def _params(layout: str, split: str, stream: str, seed, num_images, size, jpeg_quality) -> dict:
-    return dict(generator="silc_bench.data.toyworld", world_version=WORLD_VERSION, layout=layout, split=split,
+def _params(layout: str, split: str, stream: str, seed, num_images, size, jpeg_quality, world: int) -> dict:
+    return dict(generator="silc_bench.data.toyworld", world_version=get_world(world).version, layout=layout, split=split,
                 stream=stream, seed=int(seed), num_images=int(num_images), size=int(size),
                 jpeg_quality=int(jpeg_quality), jpeg_subsampling="4:4:4", classes=list(CLASSES))
 
 
 def write_ade_split(root, split: str = "validation", num_images: int = EVAL_NUM_IMAGES, size: int = EVAL_SIZE,
-                    seed: int = EVAL_SEED, jpeg_quality: int = 95, overwrite: bool = False) -> Path:
+                    seed: int = EVAL_SEED, jpeg_quality: int = 95, overwrite: bool = False,
+                    world: int = DEFAULT_WORLD) -> Path:
     """Write `root/ADEChallengeData2016/{images,annotations}/<split>/` as ADE20K does; returns that folder.
 
     Labels are ADE-encoded: class k -> k + 1 (0 = "other", unused here). A manifest written last
@@ -444,12 +507,12 @@ def write_ade_split(root, split: str = "validation", num_images: int = EVAL_NUM_
         raise ValueError(f"split must be one of {sorted(ADE_SPLIT_STREAM)}")
     base = Path(root) / "ADEChallengeData2016"
     img_dir, ann_dir, manifest = base / "images" / split, base / "annotations" / split, base / f"toyworld_{split}.json"
-    params = _params("ade20k", split, ADE_SPLIT_STREAM[split], seed, num_images, size, jpeg_quality)
+    params = _params("ade20k", split, ADE_SPLIT_STREAM[split], seed, num_images, size, jpeg_quality, world)
     last = ann_dir / f"toyworld_{split}_{num_images - 1:06d}.png"
     if _split_is_done(manifest, params, overwrite, [img_dir, ann_dir], f"toyworld_{split}_", last):
         return base
     for i in range(num_images):
-        scene = render(i, seed, size, ADE_SPLIT_STREAM[split])
+        scene = render(i, seed, size, ADE_SPLIT_STREAM[split], world=world)
         save_image(img_dir / f"toyworld_{split}_{i:06d}.jpg", scene.image, jpeg_quality)
         save_image(ann_dir / f"toyworld_{split}_{i:06d}.png", scene.labels + np.uint8(1), jpeg_quality)
     (base / "toyworld_classnames.txt").write_text("\n".join(CLASSES) + "\n")
@@ -458,9 +521,9 @@ def write_ade_split(root, split: str = "validation", num_images: int = EVAL_NUM_
 
 
 def write_eval_split(root, num_images: int = EVAL_NUM_IMAGES, size: int = EVAL_SIZE, seed: int = EVAL_SEED,
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, world: int = DEFAULT_WORLD) -> Path:
     """The dense evaluation split (ADE20K layout, `validation`), from the evaluation stream."""
-    return write_ade_split(root, "validation", num_images, size, seed, overwrite=overwrite)
+    return write_ade_split(root, "validation", num_images, size, seed, overwrite=overwrite, world=world)
 
 
 def _rle(mask: np.ndarray) -> dict:
@@ -471,7 +534,8 @@ def _rle(mask: np.ndarray) -> dict:
 
 
 def write_detection_split(root, split: str = "val", num_images: int = EVAL_NUM_IMAGES, size: int = EVAL_SIZE,
-                          seed: int = EVAL_SEED, jpeg_quality: int = 95, overwrite: bool = False) -> Path:
+                          seed: int = EVAL_SEED, jpeg_quality: int = 95, overwrite: bool = False,
+                          world: int = DEFAULT_WORLD) -> Path:
     """COCO instances of the thing objects: `root/annotations/instances_<split>.json` + `root/images/<split>/`.
 
     Split "val" renders the very scenes of the ADE validation split (same seed and size). Category
@@ -481,14 +545,14 @@ def write_detection_split(root, split: str = "val", num_images: int = EVAL_NUM_I
         raise ValueError(f"split must be one of {sorted(COCO_SPLIT_STREAM)}")
     root, stream = Path(root), COCO_SPLIT_STREAM[split]
     ann_path, img_dir = root / "annotations" / f"instances_{split}.json", root / "images" / split
-    params = _params("coco", split, stream, seed, num_images, size, jpeg_quality)
+    params = _params("coco", split, stream, seed, num_images, size, jpeg_quality, world)
     manifest = root / f"toyworld_{split}.json"
     if _split_is_done(manifest, params, overwrite, [img_dir, ann_path.parent], f"toyworld_{split}_", ann_path):
         return ann_path
     nst = len(STUFF_CLASSES)
     images, annotations = [], []
     for i in range(num_images):
-        scene = render(i, seed, size, stream)
+        scene = render(i, seed, size, stream, world=world)
         name = f"toyworld_{split}_{i:06d}.jpg"
         save_image(img_dir / name, scene.image, jpeg_quality)
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
@@ -558,11 +622,12 @@ def main(argv=None) -> None:
     ap.add_argument("--num-images", type=int, default=EVAL_NUM_IMAGES)
     ap.add_argument("--size", type=int, default=EVAL_SIZE)
     ap.add_argument("--seed", type=int, default=EVAL_SEED)
+    ap.add_argument("--world", type=int, default=DEFAULT_WORLD, help=f"world version, one of {sorted(WORLDS)}")
     ap.add_argument("--detection", action="store_true", help="also write the COCO-format detection split")
     a = ap.parse_args(argv)
-    print(write_eval_split(a.root, a.num_images, a.size, a.seed))
+    print(write_eval_split(a.root, a.num_images, a.size, a.seed, world=a.world))
     if a.detection:
-        print(write_detection_split(Path(a.root) / "coco", "val", a.num_images, a.size, a.seed))
+        print(write_detection_split(Path(a.root) / "coco", "val", a.num_images, a.size, a.seed, world=a.world))
 
 
 if __name__ == "__main__":

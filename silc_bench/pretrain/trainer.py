@@ -97,7 +97,8 @@ def make_dataset(cfg: dict):
     if data.get("kind") == "toyworld":
         from silc_bench.data.toyworld import PretrainDataset
 
-        return PretrainDataset(seed=data.get("seed", 0), length=data.get("length", 100_000), size=data.get("size", 64))
+        return PretrainDataset(seed=data.get("seed", 0), length=data.get("length", 100_000), size=data.get("size", 64),
+                               world=data.get("world", 1))
     raise UserError(f"no pretraining reader for data kind {data.get('kind')!r} (WebLI is not public)",
                     fix="use data: {kind: toyworld, ...} (configs/pretrain/toy_*.yaml) or add a reader here")
 
