@@ -11,6 +11,10 @@ For each model, on scenes of the toy world (`--world`, default 2) at the models'
 2. patch level, zero-shot: each 8x8 patch labelled by the class covering most of it; the patch's
    dense feature (the model's default dense path) classified by cosine to the class texts;
    patch accuracy and mIoU over things and stuff (the patch-level core of zs-seg).
+   Context leakage: restricted to the thing classes, how often a thing patch's wrong answer (and a
+   stuff patch's answer) names a thing that is elsewhere in the same picture. A patch feature that
+   says "what is in this image" rather than "what is here" scores high; chance is the share of
+   the other thing classes present.
 3. patch level, linear probe: a softmax classifier trained on frozen dense features of scenes of
    the "train" stream, tested on "validation" scenes. Compared with the same probe on raw pixels
    (the patch's 8x8x3 values) and on the same architecture at random initialisation: information
@@ -87,6 +91,21 @@ def miou(pred: torch.Tensor, gt: torch.Tensor, classes) -> float:
     return 100 * float(np.mean(ious))
 
 
+def leakage(sim: torch.Tensor, patch_labels: torch.Tensor, present: np.ndarray) -> dict:
+    """sim [n, h, w, C] patch-text cosines; thing-only argmax; see the module docstring."""
+    pred = sim[..., NST:].argmax(-1) + NST
+    things = patch_labels >= NST
+    pres = torch.from_numpy(present)
+    n = pred.shape[0]
+    named_present = pres[torch.arange(n)[:, None, None].expand_as(pred), pred]
+    wrong = things & (pred != patch_labels)
+    others = (pres[:, NST:].sum(1).float() - 1).clamp(min=0) / (tw.NUM_CLASSES - NST - 1)
+    return {"thing_patch_acc_among_things": 100 * (pred[things] == patch_labels[things]).float().mean().item(),
+            "wrong_thing_names_present_thing": 100 * named_present[wrong].float().mean().item(),
+            "stuff_patch_names_present_thing": 100 * named_present[~things].float().mean().item(),
+            "chance_present_other_thing": 100 * others.mean().item()}
+
+
 def split_scores(pred, gt) -> dict:
     return {"patch_acc": 100 * (pred == gt).float().mean().item(),
             "mIoU": miou(pred, gt, range(tw.NUM_CLASSES)),
@@ -134,9 +153,11 @@ def diagnose(model, data: dict, with_probe: bool = True, mode: str | None = None
         txt = text_embeddings(model, prompts.get_templates(set_name))
         sims = (F.normalize(glob, dim=-1) @ txt.T).numpy()
         au = [auroc(sims[:, c], test_present[:, c]) for c in range(tw.NUM_CLASSES)]
-        zs = (F.normalize(dense, dim=-1) @ txt.T).argmax(-1)
+        patch_sims = F.normalize(dense, dim=-1) @ txt.T
+        zs = patch_sims.argmax(-1)
         out[set_name] = {"auroc_things": float(np.nanmean(au[NST:])), "auroc_stuff": float(np.nanmean(au[:NST])),
-                         "zero_shot_patch": split_scores(zs.reshape(-1), test_pl.reshape(-1))}
+                         "zero_shot_patch": split_scores(zs.reshape(-1), test_pl.reshape(-1)),
+                         "context_leakage": leakage(patch_sims, test_pl, test_present)}
     if with_probe:
         train_imgs, train_pl, _ = data["train"]
         _, train_dense = features(model, train_imgs, mode=mode)

@@ -289,3 +289,32 @@ def test_world_2_colour_finds_stuff_but_not_things():
     union = np.bincount(pred, minlength=k) + np.bincount(yv, minlength=k) - inter
     iou = inter / np.maximum(union, 1)
     assert iou[:nst].mean() > 0.5 and iou[nst:].mean() < 0.15, (iou[:nst].mean(), iou[nst:].mean())
+
+
+# ---------------------------------------------------------------------------- image-level splits
+def test_image_level_splits_of_each_world(tmp_path, monkeypatch):
+    """`toyworld_cls` / `toyworld_captions` and their world-2 twins are written under their own
+    roots, from their own world, on first use."""
+    from silc_bench import registry
+    from silc_bench.data import toy_image_level as til
+
+    monkeypatch.setattr(til, "CLS_COUNTS", {"train": 3, "val": 4})
+    monkeypatch.setattr(til, "CAPTION_IMAGES", 3)
+    for name, world in (("toyworld_cls", 1), ("toyworld_v2_cls", 2)):
+        entry = dict(registry.dataset_entry(name), name=name)
+        til.ensure(entry, tmp_path)
+        out = tmp_path / entry["root"]
+        assert json.loads((out / "manifest.json").read_text())["world"] == world
+        files = sorted(out.glob("val/*/*.png"))
+        assert len(files) == 4
+        for f in files:
+            image, cls = til.single_object_scene(int(f.stem), "validation", 0, world)
+            assert f.parent.name == cls and np.array_equal(np.array(Image.open(f)), image)
+    for name, world in (("toyworld_captions", 1), ("toyworld_v2_captions", 2)):
+        entry = dict(registry.dataset_entry(name), name=name)
+        til.ensure(entry, tmp_path)
+        data = json.loads((tmp_path / entry["root"] / entry["annotations"]).read_text())
+        scene = tw.render(2, 0, til.SIZE, "validation", world=world)
+        sentences = [s["raw"] for s in data["images"][2]["sentences"]]
+        assert len(sentences) == til.CAPTIONS_PER_IMAGE and sentences[0] == scene.caption
+        assert all(_mentioned(c) >= {i.class_id for i in scene.instances} for c in sentences)
