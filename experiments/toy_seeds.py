@@ -1,10 +1,12 @@
 """The toy Table 2 over several pretraining seeds: mean and spread of zero-shot mIoU on the toy world.
 
     python experiments/toy_seeds.py --variants clip,silc_c --seeds 0,1,2
+    python experiments/toy_seeds.py --world 2 --variants clip,clip_views,clip_views_ema,silc_c   # Table 6 ladder
 
-For each (variant, seed): pretrain `configs/pretrain/toy_<variant>.yaml` with that seed into
-`<runs>/<variant>_s<seed>` (skipped when its model.npz exists; an interrupted run resumes), run
-`zs-seg` on `toyworld`, and write `<out>/table.md` with one row per variant. An experiment, not
+For each (variant, seed): pretrain `configs/pretrain/toy_<variant>.yaml` (world 2:
+`toy_<variant>_w2.yaml`) with that seed into `<runs>/<variant>_s<seed>` (skipped when its
+model.npz exists; an interrupted run resumes), run `zs-seg` on `toyworld` (world 2:
+`toyworld_v2`), and write `<out>/table.md` with one row per variant. An experiment, not
 part of the library: it drives the public command line (`silc-bench pretrain`) and runner API.
 """
 from __future__ import annotations
@@ -33,11 +35,16 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="clip,silc_c", help="toy configs: configs/pretrain/toy_<variant>.yaml")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--runs", default=str(RESULTS_DIR / "toy" / "seeds" / "runs"), help="pretraining run folders")
-    ap.add_argument("--out", default=str(RESULTS_DIR / "toy" / "seeds"))
+    ap.add_argument("--runs", help="pretraining run folders (default: <out>/runs)")
+    ap.add_argument("--out", help="records and table.md (default: results/toy/seeds, world 2: results/toy/seeds_w2)")
     ap.add_argument("--data-root", help="where the toy world's evaluation split is written (default: <out>/data)")
+    ap.add_argument("--world", type=int, default=1, choices=(1, 2), help="toy world version (silc_bench/data/toyworld.py)")
+    ap.add_argument("--steps", type=int, help="overrides the recipes' train.steps (run folders get a _<steps> suffix)")
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    suffix = "" if args.world == 1 else f"_w{args.world}"
+    dataset = "toyworld" if args.world == 1 else f"toyworld_v{args.world}"
+    out = Path(args.out or RESULTS_DIR / "toy" / ("seeds" + suffix))
+    args.runs = args.runs or str(out / "runs")
     opts = RunOptions(data_root=args.data_root or str(out / "data"), out_dir=out / "records", workers=0,
                       progress=False, device="cpu")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -45,22 +52,23 @@ def main(argv=None) -> int:
     for variant in args.variants.split(","):
         scores = []
         for seed in seeds:
-            run_dir = Path(args.runs) / f"{variant}_s{seed}"
+            run_dir = Path(args.runs) / (f"{variant}{suffix}_s{seed}" + (f"_{args.steps}" if args.steps else ""))
             if not (run_dir / "model.npz").exists():
                 resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
-                code = silc_bench(["pretrain", "--config", str(CONFIGS_DIR / "pretrain" / f"toy_{variant}.yaml"),
-                                   "--seed", str(seed), "--out", str(run_dir), *resume])
+                steps = ["--steps", str(args.steps)] if args.steps else []
+                code = silc_bench(["pretrain", "--config", str(CONFIGS_DIR / "pretrain" / f"toy_{variant}{suffix}.yaml"),
+                                   "--seed", str(seed), "--out", str(run_dir), *steps, *resume])
                 if code:
                     return code
             spec = str(run_dir / "model.npz")
-            run("zs-seg", [spec], ["toyworld"], opts)
-            scores.append(read_record(output_path("zs-seg", spec, "toyworld", opts))["metrics"]["mIoU"])
+            run("zs-seg", [spec], [dataset], opts)
+            scores.append(read_record(output_path("zs-seg", spec, dataset, opts))["metrics"]["mIoU"])
         rows.append((variant, scores))
     lines = ["| toy model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
              "|---|" + "---:|" * (len(seeds) + 1)]
     lines += [f"| {v} | " + " | ".join(f"{x:.2f}" for x in xs) + f" | {summarise(xs)} |" for v, xs in rows]
-    table = ("Toy world, Table 2 layout: zero-shot segmentation mIoU (%) on the 500-image toy validation split "
-             "(30 classes), one pretraining run per seed.\n\n" + "\n".join(lines) + "\n")
+    table = (f"Toy world {args.world}, Table 2 layout: zero-shot segmentation mIoU (%) on the 500-image `{dataset}` "
+             "validation split (30 classes), one pretraining run per seed.\n\n" + "\n".join(lines) + "\n")
     atomic_write_text(out / "table.md", table)
     print(table)
     return 0

@@ -318,3 +318,44 @@ def test_image_level_splits_of_each_world(tmp_path, monkeypatch):
         sentences = [s["raw"] for s in data["images"][2]["sentences"]]
         assert len(sentences) == til.CAPTIONS_PER_IMAGE and sentences[0] == scene.caption
         assert all(_mentioned(c) >= {i.class_id for i in scene.instances} for c in sentences)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_question_splits_answer_from_the_scene(tmp_path, world):
+    """Every generated answer is recomputed here from the scene's instances, in both layouts."""
+    from silc_bench.data import toy_vqa
+
+    root = toy_vqa.write_vqa(tmp_path, world=world, num_images=25)
+    qs = json.loads((root / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())["questions"]
+    anns = {a["question_id"]: a for a in
+            json.loads((root / "vqa" / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]}
+    gqa = json.loads((root / "gqa" / "testdev_balanced_questions.json").read_text())
+    assert len(qs) == len(anns) == len(gqa) >= 25 * 3
+    kinds = set()
+    for q in qs:
+        a = anns[q["question_id"]]
+        answer = a["multiple_choice_answer"]
+        assert [x["answer"] for x in a["answers"]] == [answer] * 10
+        assert gqa[str(q["question_id"])]["answer"] == answer and gqa[str(q["question_id"])]["question"] == q["question"]
+        scene = tw.render(q["image_id"] - 1, 0, toy_vqa.SIZE, "validation", world=world)
+        img = np.array(Image.open(root / "vqa" / "val2014" / f"COCO_val2014_{q['image_id']:012d}.jpg"))
+        assert np.abs(img.astype(int) - scene.image).mean() < 4
+        names = [tw.CLASSES[i.class_id] for i in scene.instances]
+        words = q["question"].rstrip("?").split()
+        kinds.add(a["question_type"])
+        if words[:2] == ["how", "many"]:
+            thing = [n for n in tw.THING_CLASSES if tw.plural(n) == words[2]]
+            shape = [s for s in tw.SHAPES if tw.plural(s) == words[2]]
+            expected = names.count(thing[0]) if thing else sum(i.shape == shape[0] for i in scene.instances)
+            assert answer == str(expected)
+        elif words[:2] == ["is", "there"]:
+            assert answer == ("yes" if words[3] in names else "no")
+        elif words[:2] == ["what", "colour"]:
+            assert names.count(words[4]) == 1 and answer == scene.instances[names.index(words[4])].colour
+        else:
+            assert words[:4] == ["what", "is", "left", "of"]
+            inst = scene.instances[names.index(words[5])]
+            left = [tw.CLASSES[j.class_id] for j in scene.instances if j is not inst and j.box[2] <= inst.box[0]]
+            assert left == [answer]
+    assert kinds == {"count", "exist", "colour", "relation"}
+    assert toy_vqa.write_vqa(tmp_path, world=world, num_images=25) == root  # written once

@@ -137,6 +137,7 @@ class Instance:
     box: tuple[int, int, int, int]        # xyxy in pixel edges of the visible mask: x2, y2 exclusive
     area: int                             # visible pixels
     colour: str                           # palette name of the main colour
+    shape: str = ""                       # one of SHAPES
 
 
 @dataclass
@@ -367,7 +368,7 @@ def render(index: int, seed: int = 0, size: int = 64, split: str = "pretrain", *
         max_objects = min(8, max(1, round(w.objects_per_64px * size * size / 4096)))
     n_obj = int(rng.integers(1, max_objects + 1))
     owner = np.full((size, size), -1, np.int16)
-    placed: list[tuple[int, int, str]] = []   # (class id, full area, colour name)
+    placed: list[tuple[int, int, str, str]] = []   # (class id, full area, colour name, shape)
     for _ in range(n_obj):
         tid = int(rng.integers(len(THING_CLASSES)))
         if w.class_key == "shape":
@@ -412,15 +413,15 @@ def render(index: int, seed: int = 0, size: int = 64, split: str = "pretrain", *
             img[y0:y1, x0:x1][m] = col[m]
             labels[y0:y1, x0:x1][m] = nst + tid
             win[m] = len(placed)
-            placed.append((nst + tid, area, COLOUR_NAMES[ci]))
+            placed.append((nst + tid, area, COLOUR_NAMES[ci], shape))
             break
 
     instances = []
-    for i, (cid, _, colour) in enumerate(placed):
+    for i, (cid, _, colour, shape) in enumerate(placed):
         mask = owner == i
         rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
         box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
-        instances.append(Instance(cid, box, int(mask.sum()), colour))
+        instances.append(Instance(cid, box, int(mask.sum()), colour, shape))
 
     # Camera: global gain, per-channel offset, sensor noise.
     img = img * rng.uniform(0.85, 1.15) + rng.uniform(-12, 12, 3).astype(np.float32)
