@@ -15,6 +15,12 @@ single thread does not inflate by spin-waiting) gives steadier ratios than wall 
   open_clip's ViT pools; open_clip.CLIP with an equal ViT and text tower, open_clip.loss.ClipLoss,
   the same AdamW settings and gradient clipping, fp32 on CPU.
 Last line: `silc_over_clip_step_cost=X clip_step_vs_open_clip=Y` (time ratios; Y <= 1.05 wanted).
+
+`--breakdown` instead times the pieces of one SILC-C step separately (each piece's forward and,
+where it trains, backward): the 2 global student views, the 8 local student views, the text
+tower, the EMA teacher on the global views with its head, the distillation head, the EMA update,
+and the optimizer step; plus the batch loading and multi-crop that the prefetch thread runs
+beside the step. Pieces are timed alone, so they need not add up exactly to the whole step.
 """
 from __future__ import annotations
 
@@ -72,6 +78,60 @@ def open_clip_step(batch: int, images: torch.Tensor, tokens: torch.Tensor):
     return step
 
 
+def silc_breakdown(batch: int, repeats: int, clock) -> None:
+    from silc_bench.pretrain import objectives as obj
+    from silc_bench.pretrain.trainer import Trainer, load_config
+
+    over = {"train": {"batch_size": batch, "steps": 10_000, "prefetch": False}, "optim": {"warmup_steps": 0}}
+    tr = Trainer(load_config(ROOT / "configs" / "pretrain" / "toy_silc_c.yaml", over), None)
+    batch_data = tr.load_batch(0)
+    views, tokens, student = batch_data["views"], batch_data["tokens"], tr.student
+
+    def tower(name):
+        def run():
+            x = views[name]
+            student.model.img(x.flatten(0, 1))[0].float().sum().backward()
+        return run
+
+    def teacher():
+        with torch.no_grad():
+            tr.teacher.head(tr.teacher.model.img(views["global"].flatten(0, 1))[0])
+
+    def head():
+        n_local = views["local"].shape[0] * views["local"].shape[1]
+        student.head(torch.randn(n_local, tr.teacher.model.img.config.output_dim, requires_grad=True)).sum().backward()
+
+    def optimizer():
+        for p in student.parameters():
+            p.grad = torch.zeros_like(p)
+        tr.opt.step()
+
+    pieces = {
+        "whole step": lambda: tr.train_step(0, batch_data),
+        "student, 2 global views (fwd+bwd)": tower("global"),
+        "student, 8 local views (fwd+bwd)": tower("local"),
+        "text tower (fwd+bwd)": lambda: student.model.txt(tokens)[0].sum().backward(),
+        "EMA teacher on 2 global views + head (fwd)": teacher,
+        "distillation head, K=2048 (fwd+bwd)": head,
+        "EMA update": lambda: obj.ema_update(tr.teacher.parameters(), student.parameters(), 0.966),
+        "AdamW step": optimizer,
+        "batch load + multi-crop (prefetch thread)": lambda: tr.load_batch(1),
+    }
+    med = {}
+    for name, fn in pieces.items():
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = clock()
+            fn()
+            ts.append(clock() - t0)
+        med[name] = statistics.median(ts)
+    whole = med["whole step"]
+    print(f"SILC-C step breakdown, batch {batch}, threads {torch.get_num_threads()}, median of {repeats}:")
+    for name, v in med.items():
+        print(f"  {name:45s} {v * 1e3:8.1f} ms  {100 * v / whole:5.1f}%")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=64)
@@ -79,10 +139,15 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per contender per round")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time or process CPU time")
+    ap.add_argument("--breakdown", action="store_true", help="time the pieces of a SILC-C step instead")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    clock = time.perf_counter if a.clock == "wall" else time.process_time
+    if a.breakdown:
+        silc_breakdown(a.batch, a.rounds, clock)
+        return
 
     clip, _ = our_trainer("toy_clip.yaml", a.batch)
     silc, _ = our_trainer("toy_silc_c.yaml", a.batch)
@@ -90,7 +155,6 @@ def main(argv=None) -> None:
     oc = open_clip_step(a.batch, data["views"]["full"][0], data["tokens"])
     contenders = {"clip": clip, "silc-c": silc, "clip_tok_ours": ours_tok, "clip_tok_open_clip": oc}
 
-    clock = time.perf_counter if a.clock == "wall" else time.process_time
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for fn in contenders.values():  # warm-up (allocator, first-call overheads)
         fn()
