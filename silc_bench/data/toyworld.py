@@ -54,7 +54,8 @@ THING_STYLE_V2 = {name: (THING_COLOURS[i], PATTERNS[j]) for i, row in enumerate(
 CLASSES = STUFF_CLASSES + THING_CLASSES  # label order: class k is stored as k + 1 in ADE pngs
 NUM_CLASSES = len(CLASSES)
 # Held out for open-vocabulary tasks: one per grid row, patterns spread, so every unseen class
-# shares its shape (world 1) or colour (world 2) and its pattern with seen classes. They still appear in pretraining captions.
+# shares its shape (world 1) or colour (world 2) and its pattern with seen classes. They still
+# appear in pretraining captions.
 UNSEEN_CLASSES = ("drum", "cushion", "sail", "flower", "tire", "anchor")
 SEEN_CLASSES = tuple(c for c in CLASSES if c not in UNSEEN_CLASSES)
 
@@ -223,7 +224,7 @@ _STUFF_TEXTURES = (_grass, _sand, _water, _brick, _sky, _snow)
 
 def _stuff_colours(rng, k: int, world: World) -> tuple[int, np.ndarray, np.ndarray]:
     """(palette index of the main colour or -1, c1, c2) of a stuff texture."""
-    if world.stuff_colours == "family":  # the class's pair, each jittered per channel, order random but for sky/snow/brick
+    if world.stuff_colours == "family":  # the class's pair, jittered per channel; order random but for sky/snow/brick
         name = STUFF_CLASSES[k]
         c1, c2 = (np.array(c, np.float32) * rng.uniform(0.85, 1.15, 3).astype(np.float32) for c in _STUFF_FAMILY[name])
         if name not in ("snow", "sky", "brick") and rng.random() < 0.5:
