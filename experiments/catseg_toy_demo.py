@@ -5,6 +5,7 @@ evaluate it with `ov-seg` on the toy validation split (which contains the unseen
 its seen / unseen mIoU beside the zero-shot (`zs-seg`) mIoU of the same backbone on the same split.
 
     python experiments/catseg_toy_demo.py            # toy-clip and toy-silc-c, ~13 min on 2 CPU cores
+    python experiments/catseg_toy_demo.py --world 2 --backbones RUN_CLIP/model.npz,RUN_SILC/model.npz
 
 An experiment, not part of the library: it drives the public command line (`silc-bench train
 cat-seg`) and runner API.
@@ -36,41 +37,44 @@ def seen_unseen(record: dict, unseen: set[str]) -> tuple[float, float]:
     return (_mean(v for k, v in iou.items() if k not in unseen), _mean(v for k, v in iou.items() if k in unseen))
 
 
-def evaluated(task: str, spec: str, opts: RunOptions) -> dict:
-    run(task, [spec], ["toyworld"], opts)  # skipped when the record exists
-    return read_record(output_path(task, spec, "toyworld", opts))
+def evaluated(task: str, spec: str, dataset: str, opts: RunOptions) -> dict:
+    run(task, [spec], [dataset], opts)  # skipped when the record exists
+    return read_record(output_path(task, spec, dataset, opts))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python experiments/catseg_toy_demo.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", default="toy-clip,toy-silc-c")
-    ap.add_argument("--out", default=str(RESULTS_DIR / "toy" / "catseg"))
+    ap.add_argument("--world", type=int, default=1, choices=(1, 2), help="toy world version (configs/cat_seg/toy_w2.yaml)")
+    ap.add_argument("--out", help="default: results/toy/catseg (world 2: results/toy/catseg_w2)")
     ap.add_argument("--data-root", help="where the toy world's splits are written (default: <out>/data)")
     ap.add_argument("--steps", type=int, help="override the recipe's training steps")
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    suffix = "" if args.world == 1 else f"_w{args.world}"
+    dataset = "toyworld" if args.world == 1 else f"toyworld_v{args.world}"
+    out = Path(args.out or RESULTS_DIR / "toy" / ("catseg" + suffix))
     data_root = args.data_root or str(out / "data")
-    unseen = set(registry.dataset_entry("toyworld")["unseen_classes"])
+    unseen = set(registry.dataset_entry(dataset)["unseen_classes"])
     opts = RunOptions(data_root=data_root, out_dir=out / "records", workers=0, progress=False, device="cpu")
     rows = []
     for backbone in args.backbones.split(","):
-        run_dir = out / "runs" / backbone
+        run_dir = out / "runs" / (Path(backbone).parent.name if backbone.endswith(".npz") else backbone)
         if not (run_dir / "catseg.json").exists():
             extra = ["--steps", str(args.steps)] if args.steps else []
             code = silc_bench(["train", "cat-seg", "--model", backbone, "--config",
-                               str(CONFIGS_DIR / "cat_seg" / "toy.yaml"), "--out", str(run_dir),
+                               str(CONFIGS_DIR / "cat_seg" / f"toy{suffix}.yaml"), "--out", str(run_dir),
                                "--data-root", data_root, "--resume", *extra])
             if code:
                 return code
-        ov = evaluated("ov-seg", str(run_dir), opts)
-        zs = evaluated("zs-seg", backbone, opts)
+        ov = evaluated("ov-seg", str(run_dir), dataset, opts)
+        zs = evaluated("zs-seg", backbone, dataset, opts)
         rows.append((backbone, ov["metrics"]["mIoU"], *seen_unseen(ov, unseen), zs["metrics"]["mIoU"], *seen_unseen(zs, unseen)))
 
     header = ("| backbone | CAT-Seg mIoU | CAT-Seg seen | CAT-Seg unseen | zero-shot mIoU | zero-shot seen | zero-shot unseen |\n"
               "|---|---:|---:|---:|---:|---:|---:|\n")
     body = "".join(f"| {b} | " + " | ".join(f"{v:.1f}" for v in vals) + " |\n" for b, *vals in rows)
-    table = (f"Toy world, Table 3 layout: CAT-Seg trained on {30 - len(unseen)} seen classes, evaluated on the "
+    table = (f"Toy world {args.world}, Table 3 layout: CAT-Seg trained on {30 - len(unseen)} seen classes, evaluated on the "
              f"toy validation split (500 images, 30 classes, unseen: {', '.join(sorted(unseen))}); mIoU %.\n\n"
              + header + body)
     atomic_write_text(out / "table.md", table)

@@ -201,3 +201,14 @@ def test_shipped_configs_load():
     assert early.text_encoder == "frozen" and early.finetune == "attention+pos" and early.crop_size == 384
     assert cfgs["vitb_384_early"]["optim"] == paper["optim"]
     assert cfgs["toy"]["data"]["train_classes"] == "seen"
+
+
+def test_toy_training_split_of_world_2(tmp_path):
+    """`data: {toyworld: {world: 2}}` trains on world-2 scenes (configs/cat_seg/toy_w2.yaml)."""
+    from silc_bench.catseg.train import make_dataset
+
+    cfg = {"data": {"toyworld": {"root": "tw2", "num_images": 3, "size": 48, "seed": 0, "world": 2}}}
+    ds, names, entry = make_dataset(cfg, tmp_path)
+    manifest = json.loads((tmp_path / "tw2" / "ADEChallengeData2016" / "toyworld_training.json").read_text())
+    assert manifest["world_version"] == 2 and len(ds) == 3 and [n[0] for n in names] == list(toyworld.CLASSES)
+    assert np.array_equal(ds[1]["label"].numpy(), toyworld.render(1, 0, 48, "train", world=2).labels)

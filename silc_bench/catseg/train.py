@@ -105,10 +105,12 @@ def make_dataset(cfg: dict, data_root=None, rank: int = 0):
     if d.get("toyworld"):
         from silc_bench.data import toyworld as tw
 
-        opts = {"root": "toyworld_train", "num_images": 1000, "size": 96, "seed": 0, **d["toyworld"]}
+        opts = {"root": "toyworld_train", "num_images": 1000, "size": 96, "seed": 0, "world": tw.DEFAULT_WORLD,
+                **d["toyworld"]}
         root = paths.data_root(data_root) / opts["root"]
         if rank == 0:
-            tw.write_ade_split(root, "training", num_images=opts["num_images"], size=opts["size"], seed=opts["seed"])
+            tw.write_ade_split(root, "training", num_images=opts["num_images"], size=opts["size"], seed=opts["seed"],
+                               world=opts["world"])
         if dist.is_initialized():
             dist.barrier()
         entry = {"name": "toyworld-train", "layout": "glob", "root": str(root / "ADEChallengeData2016"),
