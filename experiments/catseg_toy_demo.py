@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     opts = RunOptions(data_root=data_root, out_dir=out / "records", workers=0, progress=False, device="cpu")
     rows = []
     for backbone in args.backbones.split(","):
-        run_dir = out / "runs" / (Path(backbone).parent.name if backbone.endswith(".npz") else backbone)
+        name = Path(backbone).parent.name if backbone.endswith(".npz") else backbone  # a run folder's name, not a path
+        run_dir = out / "runs" / name
         if not (run_dir / "catseg.json").exists():
             extra = ["--steps", str(args.steps)] if args.steps else []
             code = silc_bench(["train", "cat-seg", "--model", backbone, "--config",
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
                 return code
         ov = evaluated("ov-seg", str(run_dir), dataset, opts)
         zs = evaluated("zs-seg", backbone, dataset, opts)
-        rows.append((backbone, ov["metrics"]["mIoU"], *seen_unseen(ov, unseen), zs["metrics"]["mIoU"], *seen_unseen(zs, unseen)))
+        rows.append((name, ov["metrics"]["mIoU"], *seen_unseen(ov, unseen), zs["metrics"]["mIoU"], *seen_unseen(zs, unseen)))
 
     header = ("| backbone | CAT-Seg mIoU | CAT-Seg seen | CAT-Seg unseen | zero-shot mIoU | zero-shot seen | zero-shot unseen |\n"
               "|---|---:|---:|---:|---:|---:|---:|\n")
