@@ -20,6 +20,10 @@ For each model, on scenes of the toy world (`--world`, default 2) at the models'
    (the patch's 8x8x3 values) and on the same architecture at random initialisation: information
    in the features versus information merely present in the pixels.
 
+`--window N` computes the dense features on N-px windows tiled over each scene (a quarter of it
+for N = 32) instead of the whole 64-px scene: less context per patch, to see how much of a
+model's patch error comes from context mixed in by the encoder.
+
 An experiment, not part of the library: it calls the public model interface (`load_model`).
 """
 from __future__ import annotations
@@ -114,12 +118,23 @@ def split_scores(pred, gt) -> dict:
 
 
 @torch.inference_mode()
-def features(model, images: torch.Tensor, batch: int = 100, mode: str | None = None):
+def features(model, images: torch.Tensor, batch: int = 100, mode: str | None = None, window: int = SIZE):
+    """Global embeddings [n, D] and dense features [n, 8, 8, D]; dense from `window`-px tiles."""
+    if SIZE % window or window % PATCH:
+        raise SystemExit(f"--window must divide {SIZE} and be a multiple of {PATCH}")
     glob, dense = [], []
+    t = window // PATCH
     for i in range(0, len(images), batch):
         x = model.preprocess.normalize(images[i:i + batch])
         glob.append(model.encode_image(x).float())
-        dense.append(model.dense_features(x, mode).float())
+        d = None
+        for y0 in range(0, SIZE, window):
+            for x0 in range(0, SIZE, window):
+                tile = model.dense_features(x[:, :, y0:y0 + window, x0:x0 + window], mode).float()
+                if d is None:
+                    d = tile.new_zeros(tile.shape[0], SIZE // PATCH, SIZE // PATCH, tile.shape[-1])
+                d[:, y0 // PATCH:y0 // PATCH + t, x0 // PATCH:x0 // PATCH + t] = tile
+        dense.append(d)
     return torch.cat(glob), torch.cat(dense)
 
 
@@ -145,9 +160,9 @@ def raw_patches(images: torch.Tensor) -> torch.Tensor:
     return images.reshape(n, 3, g, PATCH, g, PATCH).permute(0, 2, 4, 1, 3, 5).reshape(n * g * g, -1)
 
 
-def diagnose(model, data: dict, with_probe: bool = True, mode: str | None = None) -> dict:
+def diagnose(model, data: dict, with_probe: bool = True, mode: str | None = None, window: int = SIZE) -> dict:
     test_imgs, test_pl, test_present = data["test"]
-    glob, dense = features(model, test_imgs, mode=mode)
+    glob, dense = features(model, test_imgs, mode=mode, window=window)
     out = {}
     for set_name in ("toyworld", "openai_imagenet_80"):
         txt = text_embeddings(model, prompts.get_templates(set_name))
@@ -160,7 +175,7 @@ def diagnose(model, data: dict, with_probe: bool = True, mode: str | None = None
                          "context_leakage": leakage(patch_sims, test_pl, test_present)}
     if with_probe:
         train_imgs, train_pl, _ = data["train"]
-        _, train_dense = features(model, train_imgs, mode=mode)
+        _, train_dense = features(model, train_imgs, mode=mode, window=window)
         pred = linear_probe(train_dense.reshape(-1, train_dense.shape[-1]), train_pl.reshape(-1),
                             dense.reshape(-1, dense.shape[-1]))
         out["linear_probe_patch"] = split_scores(pred, test_pl.reshape(-1))
@@ -177,6 +192,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-probe", action="store_true", help="image level and zero-shot patches only")
     ap.add_argument("--world", type=int, default=2, help="toy world version of the scenes (silc_bench.data.toyworld.WORLDS)")
     ap.add_argument("--dense-mode", help="dense path (default: the model's own, map_value for MAP models)")
+    ap.add_argument("--window", type=int, default=SIZE, help="dense features from windows of this size (px)")
     ap.add_argument("--json", help="also write the numbers here")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(True)
@@ -187,7 +203,7 @@ def main(argv=None) -> int:
     for spec in args.models.split(","):
         model = load_model(spec)
         model.eval()
-        results[spec] = diagnose(model, data, not args.no_probe, args.dense_mode)
+        results[spec] = diagnose(model, data, not args.no_probe, args.dense_mode, args.window)
         print(spec, json.dumps(results[spec], indent=1), flush=True)
     if not args.no_probe and not args.no_baselines:
         from silc_bench.models.two_tower import BigVisionModel, TwoTower
