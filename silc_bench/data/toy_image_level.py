@@ -29,7 +29,8 @@ CAPTIONS_PER_IMAGE = 5
 _CAPTION_STREAM = 7  # rng stream of the extra captions (not a scene stream)
 
 
-def _done(manifest: Path, params: dict) -> bool:
+def manifest_matches(manifest: Path, params: dict) -> bool:
+    """True when a split's manifest records exactly `params` (the split is complete and current)."""
     try:
         return json.loads(manifest.read_text()) == params
     except (OSError, json.JSONDecodeError):
@@ -46,7 +47,7 @@ def write_classification(root: Path, seed: int = 0, world: int = toyworld.DEFAUL
     out = root / "cls"
     params = {"version": VERSION, "world": toyworld.get_world(world).version, "seed": seed, "size": SIZE,
               "counts": CLS_COUNTS}
-    if _done(out / "manifest.json", params):
+    if manifest_matches(out / "manifest.json", params):
         return out
     for folder, stream in (("train", "train"), ("val", "validation")):
         for name in toyworld.THING_CLASSES:  # every class folder exists, even if a class drew no image
@@ -74,7 +75,7 @@ def write_captions(root: Path, seed: int = 0, world: int = toyworld.DEFAULT_WORL
     out = root / "captions"
     params = {"version": VERSION, "world": toyworld.get_world(world).version, "seed": seed, "size": SIZE,
               "images": CAPTION_IMAGES, "captions_per_image": CAPTIONS_PER_IMAGE}
-    if _done(out / "manifest.json", params):
+    if manifest_matches(out / "manifest.json", params):
         return out
     images = []
     (out / "images").mkdir(parents=True, exist_ok=True)

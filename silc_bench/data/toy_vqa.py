@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from silc_bench.data import toyworld
+from silc_bench.data.toy_image_level import manifest_matches
 
 VERSION = 1
 SIZE = 64
@@ -73,19 +74,12 @@ def questions_for(scene, rng: np.random.Generator) -> list[dict]:
     return out
 
 
-def _manifest_ok(path: Path, params: dict) -> bool:
-    try:
-        return json.loads(path.read_text()) == params
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def write_vqa(root: Path, seed: int = 0, world: int = toyworld.DEFAULT_WORLD, num_images: int = NUM_IMAGES) -> Path:
     """VQAv2 and GQA layouts under `root/vqa` and `root/gqa`; returns `root`."""
     root = Path(root)
     params = {"version": VERSION, "world": toyworld.get_world(world).version, "seed": seed, "size": SIZE,
               "images": num_images}
-    if _manifest_ok(root / "qa_manifest.json", params):
+    if manifest_matches(root / "qa_manifest.json", params):
         return root
     vqa_img, gqa_img = root / "vqa" / "val2014", root / "gqa" / "images"
     vqa_img.mkdir(parents=True, exist_ok=True)

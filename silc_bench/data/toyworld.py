@@ -32,8 +32,6 @@ from torch.utils.data import Dataset
 
 from silc_bench.errors import UserError
 
-WORLD_VERSION = 1  # the default world (see WORLDS); kept for the manifests of world-1 splits
-
 STUFF_CLASSES = ("grass", "sand", "water", "brick", "sky", "snow")
 SHAPES = ("disk", "square", "triangle", "star", "ring", "cross")
 PATTERNS = ("solid", "striped", "dotted", "checkered")
