@@ -1,7 +1,7 @@
 """The toy world is learnable: a very small CLIP pretrained for a few steps on world 2 recognises
 the thing classes at image level, which no model learned on world 1 (README, toy world).
 
-Deterministic (one thread, fixed seeds); about 15 s on 2 CPU cores.
+Deterministic (one thread, fixed seeds); 24-30 s measured on 2 busy CPU cores.
 """
 from __future__ import annotations
 
