@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 from silc_bench.checkpoints import load_model  # noqa: E402
 from silc_bench.data import prompts  # noqa: E402
 from silc_bench.data import toyworld as tw  # noqa: E402
+from silc_bench.harness.zs_seg import class_embeddings  # noqa: E402
 
 SIZE, PATCH = 64, 8
 NST = len(tw.STUFF_CLASSES)
@@ -62,11 +63,8 @@ def scenes(split: str, n: int, seed: int = 0, world: int = 2):
 
 @torch.inference_mode()
 def text_embeddings(model, templates: list[str]) -> torch.Tensor:
-    out = []
-    for name in tw.CLASSES:
-        z = F.normalize(model.encode_text(model.tokenize([t.format(name) for t in templates])).float(), dim=-1)
-        out.append(F.normalize(z.mean(0), dim=-1))
-    return torch.stack(out)
+    """[C, D]: zs-seg's own class embeddings (each prompt normalised, averaged, renormalised)."""
+    return class_embeddings(model, [[name] for name in tw.CLASSES], templates, "cpu")[:, 0]
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:

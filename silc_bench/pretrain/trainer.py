@@ -95,10 +95,10 @@ def _resolve_file(name: str, cfg: dict) -> Path:
 def make_dataset(cfg: dict):
     data = cfg["data"]
     if data.get("kind") == "toyworld":
-        from silc_bench.data.toyworld import PretrainDataset
+        from silc_bench.data.toyworld import DEFAULT_WORLD, PretrainDataset
 
         return PretrainDataset(seed=data.get("seed", 0), length=data.get("length", 100_000), size=data.get("size", 64),
-                               world=data.get("world", 1))
+                               world=data.get("world", DEFAULT_WORLD))
     raise UserError(f"no pretraining reader for data kind {data.get('kind')!r} (WebLI is not public)",
                     fix="use data: {kind: toyworld, ...} (configs/pretrain/toy_*.yaml) or add a reader here")
 
