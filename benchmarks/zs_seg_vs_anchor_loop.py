@@ -5,8 +5,8 @@ without any harness code: mmcv's image reader and `imrescale`, one crop per forw
 slide-window placement and pad-and-add accumulation, logits bilinear to each crop, the overlap
 average, bilinear to the label, argmax, and a numpy confusion matrix. The model is an open_clip
 ViT (random weights: the cost does not depend on them), its MaskCLIP dense path through
-`model.dense_features`. The harness runs its own `evaluate` with the CLI's defaults (batch 16,
-2 workers) and with 0 workers. Class text embeddings are computed before any timing (one template: the
+`model.dense_features`. The harness runs its own `evaluate` with the CLI's defaults (the task's
+default batch size for the device, 2 workers) and with 0 workers. Class text embeddings are computed before any timing (one template: the
 benchmark times images). Both must give the same confusion matrix, checked here.
 
     python benchmarks/zs_seg_vs_anchor_loop.py [--arch ViT-B-16] [--images 4] [--size 512 683]
@@ -79,23 +79,24 @@ def bare_forward(model, crops: int, crop=448, batch=16):
 
 
 def harness(model, root, workers, profile=False):
-    """The harness's own evaluate over every image (one shard; CLI defaults: batch 16), after an
-    untimed setup (class text embeddings), as `silc-bench run` calls it."""
+    """The harness's own evaluate over every image (one shard; the CLI's default batch size), after
+    an untimed setup (class text embeddings), as `silc-bench run` calls it."""
     from silc_bench import registry
     from silc_bench.harness import get_harness
 
     h = get_harness(registry.task_spec("zs-seg"))
     dataset = h.open_dataset("ade150", root)
     prepared = h.setup(model, dataset, h.protocol_for(dataset, PROTOCOL), "cpu")
+    batch = h.default_batch_size(model, prepared, "cpu")
     profiler = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
     if profiler:
         profiler.enable()
-    result = h.evaluate(model, dataset, prepared, range(len(dataset)), device="cpu", batch_size=16, workers=workers)
+    result = h.evaluate(model, dataset, prepared, range(len(dataset)), device="cpu", batch_size=batch, workers=workers)
     metrics, per_class = h.finalize(dataset, h.merge([result]), prepared)
     if profiler:
         profiler.disable()
-    return time.perf_counter() - t0, metrics, per_class, profiler
+    return time.perf_counter() - t0, metrics, batch, profiler
 
 
 def breakdown(profiler, total: float) -> list[str]:
@@ -126,21 +127,24 @@ def main():
     from silc_bench.data.segmentation import open_dataset
 
     classnames = open_dataset("ade150", tmp / "data").classnames
+    with torch.inference_mode():  # warm-up, untimed: the first forward allocates
+        model.dense_features(torch.randn(1, 3, 448, 448))
     t_anchor, conf = anchor_loop(model, tmp / "data", classnames)
-    t_harness, metrics, per_class, _ = harness(model, tmp / "data", workers=2)
+    t_harness, metrics, batch, _ = harness(model, tmp / "data", workers=2)
     t_harness0, _, _, _ = harness(model, tmp / "data", workers=0)
     t_profiled, _, _, profiler = harness(model, tmp / "data", workers=0, profile=True)
     crops = sum(2 for _ in range(args.images))  # 512x683 -> 448x598: two 448 windows per image
-    t_bare = bare_forward(model, crops)
+    t_bare = bare_forward(model, crops, batch=batch)
+    t_bare16 = bare_forward(model, crops, batch=16)
     inter, union = np.diag(conf), conf.sum(0) + conf.sum(1) - np.diag(conf)
     with np.errstate(invalid="ignore", divide="ignore"):
         miou = 100 * np.nanmean(np.where(union > 0, inter / union, np.nan))
     print(f"{args.arch}, {args.images} images of {args.size[0]}x{args.size[1]}, {crops} crops of 448, "
           f"{torch.get_num_threads()} threads")
     print(f"anchor loop (one crop per forward): {t_anchor:7.2f} s   mIoU {miou:.6f}")
-    print(f"harness (CLI defaults, 2 workers):  {t_harness:7.2f} s   mIoU {metrics['mIoU']:.6f}")
+    print(f"harness (CLI defaults: batch {batch}, 2 workers): {t_harness:7.2f} s   mIoU {metrics['mIoU']:.6f}")
     print(f"harness (0 workers):                {t_harness0:7.2f} s")
-    print(f"bare forward (batch 16):            {t_bare:7.2f} s")
+    print(f"bare forward (batch {batch}):  {t_bare:7.2f} s   (batch 16: {t_bare16:.2f} s)")
     print(f"where the harness's time goes (workers=0 profile, {t_profiled:.2f} s):")
     print("\n".join(breakdown(profiler, t_profiled)))
     acc = 100 * inter.sum() / conf.sum()

@@ -44,7 +44,9 @@ def _add_run(sub):
     p.add_argument("--out", default=DEFAULT_OUT,
                    help="output folder for records and tables (relative paths are relative to the current directory)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=16, help="crops per forward (does not change the numbers)")
+    p.add_argument("--batch-size", type=int,
+                   help="images or crops per forward (does not change the numbers; default: the task's choice for "
+                        "the device, 16 on a GPU; zs-seg on a CPU: as many crops as fit 1024 tokens)")
     p.add_argument("--workers", type=int, default=2, help="data-loader worker processes (0: decode in the main process)")
     p.add_argument("--limit", type=int, help="first N images only (records are marked limited)")
     p.add_argument("--dense-mode", help="override the model's default dense path (e.g. map_value_no_mlp)")
@@ -55,6 +57,9 @@ def _add_run(sub):
     p.add_argument("--shard-size", type=int, default=32, help="images per resumable shard")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="numeric precision (autocast; fp16 on CUDA only); recorded, and part of the record's name")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's image path (for GPUs; the first images wait for the compiler); "
+                        "recorded, and part of the record's name")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -79,7 +84,8 @@ def cmd_run(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}", fix="pass a positive number of images")
-    _positive("--batch-size", args.batch_size, 1)
+    if args.batch_size is not None:
+        _positive("--batch-size", args.batch_size, 1)
     _positive("--workers", args.workers, 0)
     _positive("--shard-size", args.shard_size, 1)
     task = registry.task_spec(args.task)
@@ -87,7 +93,7 @@ def cmd_run(args) -> int:
         data_root=args.data_root, out_dir=args.out, checkpoint_dir=args.checkpoint_dir, tokenizer=args.tokenizer,
         device=args.device or default_device(), batch_size=args.batch_size, workers=args.workers, limit=args.limit,
         protocol_overrides={**_parse_overrides(args.protocol, task), **({"dense_mode": args.dense_mode} if args.dense_mode else {})}, force=args.force, progress=not args.no_progress,
-        cache=not args.no_cache, shard_size=args.shard_size, precision=args.precision,
+        cache=not args.no_cache, shard_size=args.shard_size, precision=args.precision, compile=args.compile,
     )
     from silc_bench.precision import check as check_precision
 
@@ -111,7 +117,8 @@ def cmd_run(args) -> int:
     wanted = {(relativize(m, roots), d) for m in models for d in datasets}  # records store relative specs
     records = [r for r in load_records([Path(args.out) / args.task])
                if (r["model"].get("spec"), r["dataset"]["name"]) in wanted and r["dataset"].get("limit") == args.limit
-               and (r.get("precision") or {}).get("mode", "fp32") == args.precision]
+               and (r.get("precision") or {}).get("mode", "fp32") == args.precision
+               and bool((r.get("precision") or {}).get("compiled")) == args.compile]
     number = (task.get("paper") or {}).get("table")
     if number is None:
         return 0

@@ -3,6 +3,10 @@
 fp32 is the reference (every exactness test runs at fp32). bf16 / fp16 run the harness under
 `torch.autocast` on the evaluation device: bf16 on CUDA and on CPUs (fast where the CPU has
 AVX512-BF16 or AMX, correct but slow elsewhere; the record says which), fp16 on CUDA only.
+
+`--compile` (torch.compile of the model's image path) belongs here too: fused kernels round
+differently from eager ones (measured: features differ by ~2e-6 at fp32), so a compiled run is
+its own record (`<dataset>@compiled.json`), never mixed with the eager one.
 """
 from __future__ import annotations
 
@@ -41,8 +45,22 @@ def autocast(precision: str, device):
     return torch.autocast(device_type="cuda" if str(device).startswith("cuda") else "cpu", dtype=_DTYPES[precision])
 
 
-def describe(precision: str, device) -> dict:
+def compile_model(model):
+    """torch.compile, in place, what the harnesses call per image: a two-tower model's image path
+    (`dense_features`, `encode_image`; text embeddings are computed once and cached), any other
+    model's `forward` (CAT-Seg). Shapes are static: a new crop shape compiles once more."""
+    from silc_bench.models.base import VisionLanguageModel
+
+    names = ("dense_features", "encode_image") if isinstance(model, VisionLanguageModel) else ("forward",)
+    for name in names:
+        setattr(model, name, torch.compile(getattr(model, name), dynamic=False))
+    return model
+
+
+def describe(precision: str, device, compiled: bool = False) -> dict:
     info = {"mode": precision, "autocast": precision != "fp32"}
+    if compiled:
+        info["compiled"] = f"torch.compile (torch {torch.__version__}, dynamic=False)"
     if precision == "bf16" and not str(device).startswith("cuda"):
         info["cpu_bf16_instructions"] = cpu_has_bf16()
     return info

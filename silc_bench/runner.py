@@ -22,7 +22,7 @@ from silc_bench.errors import UserError
 from silc_bench.harness import get_harness
 from silc_bench.harness.base import EXAMPLES, SUMS, Harness, merge_results
 from silc_bench.hashing import sha256_dir, sha256_file, sha256_json
-from silc_bench.precision import autocast
+from silc_bench.precision import autocast, compile_model
 from silc_bench.precision import describe as describe_precision
 from silc_bench.results.record import environment, now_iso, read_record, record_path, slug, write_record
 from silc_bench.workfiles import Cache, load_tensors, save_tensors
@@ -35,7 +35,7 @@ class RunOptions:
     checkpoint_dir: str | None = None
     tokenizer: str | None = None
     device: str = "cpu"
-    batch_size: int = 16
+    batch_size: int | None = None  # None: the harness's default_batch_size for the model and device
     workers: int = 0
     limit: int | None = None
     protocol_overrides: dict | None = None
@@ -44,6 +44,7 @@ class RunOptions:
     cache: bool = True
     shard_size: int = 32
     precision: str = "fp32"  # fp32 | bf16 | fp16 (silc_bench/precision.py); part of the record's identity
+    compile: bool = False    # torch.compile the model (silc_bench/precision.py); part of the record's identity
 
 
 def protocol_for(task: dict, dataset, overrides: dict | None) -> dict:
@@ -55,6 +56,8 @@ def output_path(task_name: str, model_spec: str, dataset_name: str, opts: RunOpt
     name = dataset_name if opts.limit is None else f"{dataset_name}@limit{opts.limit}"
     if opts.precision != "fp32":  # never mixed with (or skipped because of) the fp32 record
         name += f"@{opts.precision}"
+    if opts.compile:  # compiled kernels round differently: their own record
+        name += "@compiled"
     return record_path(opts.out_dir, task_name, model_folder(model_spec, opts), name)
 
 
@@ -220,7 +223,7 @@ def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: Ru
     model_info = relativize(describe_model(model), roots)
     details = relativize(getattr(prepared, "details", {}) or {}, roots)
     work_key = sha256_json({"task": task["version"], "model": model_info, "dataset": description, "protocol": protocol,
-                            "details": details, "precision": opts.precision})
+                            "details": details, "precision": opts.precision, "compiled": opts.compile})
     work_dir = output_path(task["name"], model_spec, dataset_name, opts).parent / "shards" / f"{dataset_name}-{work_key[:16]}"
     n = len(dataset)
     shards = [range(i, min(i + opts.shard_size, n)) for i in range(0, n, opts.shard_size)]
@@ -229,6 +232,7 @@ def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: Ru
         from tqdm import tqdm
 
         progress = tqdm(total=n, desc=f"{task['name']} {model_spec} {dataset_name}", unit="img", file=sys.stderr)
+    batch_size = opts.batch_size or harness.default_batch_size(model, prepared, opts.device)
     results, computed, reused = [], 0, 0
     try:
         for k, indices in enumerate(shards):
@@ -239,7 +243,7 @@ def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: Ru
             if result is None:
                 with autocast(opts.precision, opts.device):
                     result = harness.evaluate(model, dataset, prepared, indices, device=opts.device,
-                                              batch_size=opts.batch_size, workers=opts.workers, progress=progress)
+                                              batch_size=batch_size, workers=opts.workers, progress=progress)
                 save_tensors(path, result)
                 computed += 1
             else:
@@ -251,7 +255,7 @@ def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: Ru
         if progress is not None:
             progress.close()
     if not results:  # more ranks than shards: an empty result of the right shape
-        results = [harness.evaluate(model, dataset, prepared, [], device=opts.device, batch_size=opts.batch_size)]
+        results = [harness.evaluate(model, dataset, prepared, [], device=opts.device, batch_size=batch_size)]
     merged = _gather_to_rank0(harness.merge(results), opts.device)
     if rank != 0:
         return None
@@ -271,11 +275,11 @@ def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: Ru
         "details": details,
         "metrics": metrics,
         "per_class": per_class,
-        "precision": describe_precision(opts.precision, opts.device),
+        "precision": describe_precision(opts.precision, opts.device, compiled=opts.compile),
         "environment": relativize(environment(opts.device), roots),
         "roots": {name: ROOT_MEANING[name] for name in roots},
         "timing": {"wall_seconds": wall, "images_per_second": n / wall if wall > 0 else None,
-                   "batch_size": opts.batch_size, "workers": opts.workers, "world_size": world,
+                   "batch_size": batch_size, "workers": opts.workers, "world_size": world,
                    "note": "timing covers this invocation only (reused shards take no time)" if reused else None},
         "_work": {"dir": str(work_dir), "shards": len(shards), "computed": computed, "reused": reused},
     }
@@ -306,6 +310,8 @@ def run(task_name: str, model_specs: list[str], dataset_names: list[str] | None,
         if not todo:
             continue
         model = load_for_task(harness, model_spec, opts)
+        if opts.compile:
+            compile_model(model)
         for dataset_name in todo:
             path = output_path(task_name, model_spec, dataset_name, opts)
             if opts.force:

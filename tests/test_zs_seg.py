@@ -186,3 +186,18 @@ def test_text_embeddings_average_normalised_templates():
     assert torch.allclose(emb[0, 0], F.one_hot(torch.tensor(1), 5).float())
     assert torch.allclose(emb[1, 1], emb[1, 0])  # padded with the first synonym
     assert math.isclose(emb.norm(dim=-1).min().item(), 1.0, rel_tol=1e-6)
+
+
+def test_default_batch_size_fits_the_device():
+    """On a CPU crops share a forward up to ~1024 tokens (bigger forwards run slower per crop there);
+    on an accelerator 16. An explicit --batch-size always wins (the runner only asks when it is unset)."""
+    from types import SimpleNamespace
+
+    def setup(crop):
+        return zs_seg.ZsSegSetup(text=torch.zeros(1, 1, 1), protocol={"crop": crop}, dense_mode="x")
+
+    vit_b16, toy = SimpleNamespace(patch_size=16), SimpleNamespace(patch_size=8)
+    assert zs_seg.default_batch_size(vit_b16, setup(448), "cpu") == 1    # 785 tokens
+    assert zs_seg.default_batch_size(vit_b16, setup(224), "cpu") == 5    # 197 tokens
+    assert zs_seg.default_batch_size(toy, setup(64), "cpu") == 15        # 65 tokens
+    assert zs_seg.default_batch_size(vit_b16, setup(448), "cuda:0") == 16

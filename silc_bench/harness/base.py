@@ -20,6 +20,8 @@ task-specific; the runner names no task and no model kind.
   metrics (AP, CIDEr, retrieval, few-shot) that need every prediction. A shard result must depend
   only on `indices` (never on which other shards ran, the batch size or the rank): that is what
   makes resumed, re-batched and multi-process runs give the identical record.
+- `default_batch_size(model, prepared, device)` -> examples (or crops) per forward when the user
+  gives no `--batch-size` (default 16; zs-seg sizes it by tokens on a CPU). Never changes a number.
 - `merge(results)` -> one result of the same form (the default above; override only for another
   associative rule).
 - `finalize(dataset, merged, prepared)` -> `(metrics, per_class)`: `metrics` must hold the spec's
@@ -137,6 +139,9 @@ class Harness(abc.ABC):
     def evaluate(self, model, dataset, prepared, indices, *, device, batch_size: int = 16, workers: int = 0,
                  progress=None) -> dict:
         ...
+
+    def default_batch_size(self, model, prepared, device) -> int:
+        return 16
 
     def merge(self, results: list[dict]) -> dict:
         return merge_results(results)

@@ -54,17 +54,18 @@ class SegmentationMetric:
         state = self._ensure(pred.device)
         pred = pred.reshape(-1).long()
         target = target.to(pred.device).reshape(-1).long()
-        keep = target != self.ignore_index
-        pred, target = pred[keep], target[keep]
         c = self.num_classes
-        pred_ok = (pred >= 0) & (pred < c)
-        target_ok = (target >= 0) & (target < c)
+        keep = target != self.ignore_index
+        pred_ok = keep & (pred >= 0) & (pred < c)
+        target_ok = keep & (target >= 0) & (target < c)
         hit = pred_ok & (pred == target)
-        # histograms on the predictions' device; only C-sized tensors move to the state's device
+        # Pixels that do not count go to an extra bin C, dropped: no boolean indexing and no bincount,
+        # both of which wait for the device (their output size depends on the data).
         dev = state["intersect"].device
-        state["intersect"] += torch.bincount(pred[hit], minlength=c).to(dev)
-        state["pred_area"] += torch.bincount(pred[pred_ok], minlength=c).to(dev)
-        state["label_area"] += torch.bincount(target[target_ok], minlength=c).to(dev)
+        for key, values, ok in (("intersect", pred, hit), ("pred_area", pred, pred_ok), ("label_area", target, target_ok)):
+            bins = torch.zeros(c + 1, dtype=torch.int64, device=pred.device)
+            bins.index_add_(0, torch.where(ok, values, c), torch.ones_like(values))
+            state[key] += bins[:c].to(dev)
         state["union"] = state["pred_area"] + state["label_area"] - state["intersect"]
 
     # ------------------------------------------------------------------ state / merge

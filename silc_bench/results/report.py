@@ -89,9 +89,12 @@ def model_label(record: dict) -> str:
     label = model.get("registry_name") or model.get("spec") or "model"
     if (record.get("dataset") or {}).get("limited"):
         label += " (limited)"
-    mode = (record.get("precision") or {}).get("mode", "fp32")
+    precision = record.get("precision") or {}
+    mode = precision.get("mode", "fp32")
     if mode != "fp32":  # a bf16 / fp16 row is its own row, never the fp32 one
         label += f" ({mode})"
+    if precision.get("compiled"):  # so is a compiled run's
+        label += " (compiled)"
     return label
 
 

@@ -1,0 +1,144 @@
+"""ov-seg (CAT-Seg) against an independent anchor loop, a bare forward, and where the harness's time goes.
+
+The anchor loop is written here as CAT-Seg's own code runs inference, without any harness code:
+detectron2's `ResizeShortestEdge(640, 2560)` (PIL bilinear on the uint8 image), then
+`inference_sliding_window`: the image bilinear to 640x640, `nn.Unfold` into four 384 windows
+plus the whole image at 384, the five views in one forward per image, logits bilinear to 384 and
+sigmoid, `nn.Fold` / count, `(windows + global) / 2`, bilinear to the label size, argmax, and a
+numpy confusion matrix. The model is a CAT-Seg head (CVPR configuration) on an open_clip ViT
+(random weights: the cost does not depend on them). The harness runs its own `evaluate` with the
+CLI's defaults (batch 16, 2 workers) and with 0 workers. Class text embeddings are computed
+before any timing. Both must give the same confusion matrix, checked here.
+
+    python benchmarks/ov_seg_vs_anchor_loop.py [--arch ViT-B-16] [--images 2]
+
+Last line: `speedup_vs_anchor_loop=X overhead_vs_bare_forward=Y` (X > 1: the harness is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from silc_bench.catseg.model import CatSeg
+from silc_bench.checkpoints import load_model
+from silc_bench.data.fixtures import write_segmentation_fixture
+
+
+@torch.inference_mode()
+def anchor_loop(model, dataset, classes, short=640, longest=2560, out=640, kernel=384, stride=256):
+    unfold, fold = nn.Unfold(kernel_size=kernel, stride=stride), nn.Fold([out, out], kernel_size=kernel, stride=stride)
+    n = len(dataset.classnames)
+    conf = np.zeros((n, n), np.int64)
+    t0 = time.perf_counter()
+    for sample in dataset.samples:
+        with Image.open(sample.image) as im:
+            pil = im.convert("RGB")
+        w0, h0 = pil.size
+        scale = short / min(h0, w0)
+        nh, nw = (short, scale * w0) if h0 < w0 else (scale * h0, short)
+        if max(nh, nw) > longest:
+            nh, nw = nh * longest / max(nh, nw), nw * longest / max(nh, nw)
+        pil = pil.resize((int(nw + 0.5), int(nh + 0.5)), Image.BILINEAR)
+        image = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)[None].float()
+        big = F.interpolate(image, size=(out, out), mode="bilinear", align_corners=False)[0]
+        crops = unfold(big[None])[0].T.reshape(-1, 3, kernel, kernel)
+        whole = F.interpolate(image, size=(kernel, kernel), mode="bilinear", align_corners=False)
+        views = model.backbone.preprocess.normalize(torch.cat((crops, whole)) / 255.0)
+        outputs = F.interpolate(model(views, classes), size=kernel, mode="bilinear", align_corners=False).sigmoid()
+        global_output = F.interpolate(outputs[-1:], size=(out, out), mode="bilinear", align_corners=False)
+        outputs = fold(outputs[:-1].flatten(1).T[None]) / fold(unfold(torch.ones(1, 1, out, out)))
+        outputs = (outputs + global_output) / 2.0
+        pred = F.interpolate(outputs, size=(h0, w0), mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+        label = np.asarray(Image.open(sample.label)).astype(np.int64) - 1  # ADE: reduce_zero_label
+        ok = (label >= 0) & (label < n)
+        np.add.at(conf, (label[ok], pred[ok]), 1)
+    return time.perf_counter() - t0, conf
+
+
+@torch.inference_mode()
+def bare_forward(model, classes, views: int, kernel=384, batch=16):
+    x = torch.randn(views, 3, kernel, kernel)
+    t0 = time.perf_counter()
+    for i in range(0, views, batch):
+        model(x[i:i + batch], classes)
+    return time.perf_counter() - t0
+
+
+def harness(model, harness_obj, dataset, workers, profile=False):
+    prepared = harness_obj.setup(model, dataset, harness_obj.protocol_for(dataset, None), "cpu")
+    profiler = cProfile.Profile() if profile else None
+    t0 = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    result = harness_obj.evaluate(model, dataset, prepared, range(len(dataset)), device="cpu", batch_size=16,
+                                  workers=workers)
+    metrics, _ = harness_obj.finalize(dataset, harness_obj.merge([result]), prepared)
+    if profiler:
+        profiler.disable()
+    return time.perf_counter() - t0, metrics, prepared, profiler
+
+
+def breakdown(profiler, total: float) -> list[str]:
+    stats = pstats.Stats(profiler)
+    stages = {"decode + resize (PIL, in __getitem__)": ("__getitem__",), "views (make_views)": ("make_views",),
+              "forward (CatSeg)": ("_call_impl",), "combine views + argmax": ("combine_views",),
+              "metric update": ("update",)}
+    out = []
+    for name, funcs in stages.items():
+        rows = [v for (file, _, fn), v in stats.stats.items() if fn in funcs and
+                ("silc_bench" in file or (fn == "_call_impl" and "torch/nn" in file))]
+        secs = max((v[3] for v in rows), default=0.0) if funcs == ("_call_impl",) else sum(v[3] for v in rows)
+        out.append(f"  {name:40s} {secs:7.2f} s  {100 * secs / total:5.1f}%")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="ViT-B-16")
+    ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--size", type=int, nargs=2, default=(512, 683))
+    args = ap.parse_args()
+    from silc_bench import registry
+    from silc_bench.harness import get_harness
+
+    tmp = Path(tempfile.mkdtemp(prefix="silc_ovseg_"))
+    write_segmentation_fixture("ade150", tmp / "data", num_images=args.images, size=tuple(args.size), seed=0)
+    torch.manual_seed(0)
+    model = CatSeg(load_model(f"open_clip:{args.arch}:random-init")).eval()
+    h = get_harness(registry.task_spec("ov-seg"))
+    dataset = h.open_dataset("ade150", tmp / "data")
+    t_harness, metrics, prepared, _ = harness(model, h, dataset, workers=2)
+    t_harness0, _, _, _ = harness(model, h, dataset, workers=0)
+    t_profiled, _, _, profiler = harness(model, h, dataset, workers=0, profile=True)
+    t_anchor, conf = anchor_loop(model, dataset, prepared.classes)
+    views = args.images * prepared.details["views_per_image"]
+    t_bare = bare_forward(model, prepared.classes, views)
+    inter, union = np.diag(conf), conf.sum(0) + conf.sum(1) - np.diag(conf)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        miou = 100 * np.nanmean(np.where(union > 0, inter / union, np.nan))
+    acc = 100 * inter.sum() / conf.sum()
+    print(f"CAT-Seg on {args.arch}, {args.images} images of {args.size[0]}x{args.size[1]}, {views} views of 384, "
+          f"{len(dataset.classnames)} classes, {torch.get_num_threads()} threads")
+    print(f"anchor loop (one image per forward): {t_anchor:7.2f} s   mIoU {miou:.6f}")
+    print(f"harness (CLI defaults, 2 workers):   {t_harness:7.2f} s   mIoU {metrics['mIoU']:.6f}")
+    print(f"harness (0 workers):                 {t_harness0:7.2f} s")
+    print(f"bare forward (batch 16):             {t_bare:7.2f} s")
+    print(f"where the harness's time goes (workers=0 profile, {t_profiled:.2f} s):")
+    print("\n".join(breakdown(profiler, t_profiled)))
+    same = abs(miou - metrics["mIoU"]) < 1e-9 and abs(acc - metrics["aAcc"]) < 1e-9
+    print(f"same predictions as the anchor loop (mIoU and aAcc): {same}")
+    print(f"speedup_vs_anchor_loop={t_anchor / t_harness:.3f} overhead_vs_bare_forward={t_harness / t_bare:.3f}")
+
+
+if __name__ == "__main__":
+    main()
