@@ -85,7 +85,8 @@ def test_run_help_shows_defaults(capsys):
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: results/runs)" in out and "current directory" in out
-    assert "(default: 16)" in out and "(default: 32)" in out and "(default: 2)" in out
+    assert "(default: 32)" in out and "(default: 2)" in out
+    assert "default: the task's choice for the device, 16 on a GPU" in out  # --batch-size
 
 
 @pytest.mark.parametrize("command", [["report"], ["compare"], ["export", "leaderboard"], ["ls"]])
