@@ -1,4 +1,4 @@
-"""`silc-bench` command line: run | ls | pretrain | train cat-seg | report | export leaderboard | compare."""
+"""`silc-bench` command line: run | ls | pretrain | train cat-seg / owl-det | report | export leaderboard | compare."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,8 @@ from silc_bench.paths import CHECKPOINT_ENV, DATA_ENV
 
 # Relative: resolved against the folder `silc-bench` runs in, not the package's own folder.
 DEFAULT_OUT = "results/runs"
-TRAINABLE = {"cat-seg": "CAT-Seg open-vocabulary segmentation head on a backbone (silc_bench/catseg/train.py)"}
+TRAINABLE = {"cat-seg": "CAT-Seg open-vocabulary segmentation head on a backbone (silc_bench/catseg/train.py)",
+             "owl-det": "OWL-ViT open-vocabulary detection heads on a backbone (silc_bench/detection/train.py)"}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -200,6 +201,10 @@ def main(argv=None) -> int:
                     train.print_help()
                     return 0
                 train.error(f"choose what to train: {', '.join(TRAINABLE)} (silc-bench train --help)")
+            if args.what == "owl-det":
+                from silc_bench.detection.train import main as train_owl
+
+                return train_owl(rest) or 0
             from silc_bench.catseg.train import main as train_catseg
 
             return train_catseg(rest) or 0

@@ -88,3 +88,41 @@ class ColourCatSeg(torch.nn.Module):
         colours = torch.tensor(np.stack([class_colour(k) for k in range(len(class_names))]))
         dist = ((pixels[:, None] * 255 - colours[None, :, :, None, None]) ** 2).sum(2)
         return -dist.sqrt() / 50.0  # moderate logits: CAT-Seg's protocol takes their sigmoid
+
+
+class ColourOwl(torch.nn.Module):
+    """An OWL detector's API for ov-det (`model(pixels)` -> features / boxes, `class_head`,
+    `text_queries`, `backbone`) that knows the right answer on detection fixtures: "patch" k is
+    class k's rectangle (the box of the pixels of exactly `class_colour(k)`), with logit +10 for
+    class k's queries and -10 for every other query; absent classes get an empty box and -10."""
+
+    def __init__(self, names: list[str]):
+        super().__init__()
+        self.backbone = ColourNameOracle(names)
+        self.colours = self.backbone.colours
+        self.provenance = {"format": "oracle-owl", "sha256": None}
+
+    def describe(self):
+        return dict(self.provenance)
+
+    def text_queries(self, texts):
+        return self.backbone.encode_text(self.backbone.tokenize(texts))
+
+    def class_head(self, feats, queries):
+        return 20.0 * feats @ queries.T - 10.0, feats
+
+    def forward(self, pixels):
+        b, _, s, _ = pixels.shape
+        k = len(self.colours)
+        rgb = pixels.permute(0, 2, 3, 1) * 255.0
+        feats = torch.zeros(b, 1, k, k + 1)
+        boxes = torch.zeros(b, k, 4)
+        for i in range(b):
+            for c in range(k):
+                mask = ((rgb[i] - self.colours[c]).abs() < 0.5).all(-1)
+                if mask.any():
+                    ys, xs = torch.nonzero(mask, as_tuple=True)
+                    x1, y1, x2, y2 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+                    boxes[i, c] = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]).float() / s
+                    feats[i, 0, c, c] = 1.0
+        return {"features": feats, "boxes": boxes}

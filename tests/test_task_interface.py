@@ -11,7 +11,7 @@ from silc_bench.data.segmentation import open_dataset as open_segmentation
 from silc_bench.harness import HARNESSES, get_harness
 from silc_bench.harness.base import EXAMPLES, INDEX, SUMS, merge_results
 
-from oracles import ColourCatSeg, ColourNameOracle
+from oracles import ColourCatSeg, ColourNameOracle, ColourOwl
 
 
 # task -> (fixture writer, dataset, --protocol overrides, model factory, {metric: known answer})
@@ -42,6 +42,14 @@ def _fewshot(root):
 def _retrieval(root):
     _, names = write_karpathy(root, "coco", num_images=5)
     return "coco", {}, ColourNameOracle(names)
+
+
+def _ov_det(root):
+    from silc_bench.data.fixtures_detection import write_coco_detection
+
+    write_coco_detection(root, num_images=5)
+    # LVIS: federated rules and images named by coco_url; input 64 = the long side (no resize, padded)
+    return "lvis", {"input_size": 64, "templates": "a_photo_of"}, ColourOwl([f"thing_{k:03d}" for k in range(12)])
 
 
 def pixel_oracle_miou(root, predict) -> dict:
@@ -77,6 +85,7 @@ CONTRACT = {
     "zs-cls": (_zs_cls, {"top1": 100.0, "top5": 100.0}),
     "fewshot": (_fewshot, {"top1_1shot": 100.0, "top1_25shot_seed2": 100.0}),
     "retrieval": (_retrieval, {"i2t_R@1": 100.0, "t2i_R@1": 100.0, "t2i_R@5": 100.0}),
+    "ov-det": (_ov_det, {"AP": 100.0, "AP50": 100.0, "AP75": 100.0}),
 }
 
 
@@ -122,5 +131,5 @@ def test_runner_names_no_task_and_no_model_kind():
     import inspect
 
     source = inspect.getsource(runner)
-    for name in [*registry.tasks(), "catseg", "zs_seg", "ov_seg", "load_model("]:
+    for name in [*registry.tasks(), "catseg", "zs_seg", "ov_seg", "ov_det", "owl", "load_model("]:
         assert name not in source, name

@@ -117,6 +117,7 @@ def load_model(spec: str, *, checkpoint_dir=None, tokenizer: str | dict | None =
 MODEL_LOADERS = {
     "vlm": "silc_bench.checkpoints:load_model",
     "catseg": "silc_bench.checkpoints.catseg:load_catseg_model",
+    "owl": "silc_bench.checkpoints.owl:load_owl",
 }
 
 

@@ -27,7 +27,12 @@ FAMILIES = {
                dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize="squash", interpolation="bicubic")),
     "clip": ("CLIPModel", ("maskclip", "tokens"),
              dict(mean=OPENAI_MEAN, std=OPENAI_STD, resize="shortest", interpolation="bicubic")),
+    # A released OWLv2 detector: its CLIP backbone is the model; the detection heads ride along
+    # (`owl_heads`) for silc_bench/checkpoints/owl.py. Its processor resizes with padding (ov-det does).
+    "owlv2": ("Owlv2ForObjectDetection", ("tokens",),
+              dict(mean=OPENAI_MEAN, std=OPENAI_STD, resize="squash", interpolation="bilinear")),
 }
+OWL_HEAD_PREFIXES = ("class_head.", "box_head.", "objectness_head.", "layer_norm.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "spiece.model", "tokenizer.model", "added_tokens.json")
 POS_INTERP = "transformers interpolate_pos_encoding (bicubic, align_corners=False, antialias=False)"
@@ -117,7 +122,7 @@ def _preprocess(directory: Path, model_type: str, native: int) -> Preprocess:
 
 
 class HFModel(VisionLanguageModel):
-    """A transformers SiglipModel or CLIPModel as a `VisionLanguageModel`."""
+    """A transformers SiglipModel, CLIPModel or OWLv2's CLIP backbone as a `VisionLanguageModel`."""
 
     def __init__(self, model: nn.Module, model_type: str, tokenizer: Tokenizer, preprocess: Preprocess,
                  provenance: dict | None = None):
@@ -135,6 +140,7 @@ class HFModel(VisionLanguageModel):
         self.default_dense_mode = self.dense_modes[0]
         self.provenance = {"format": "hf", "model_type": model_type, **(provenance or {}),
                            "pos_embed_interpolation": POS_INTERP}
+        self.owl_heads: dict | None = None  # OWLv2 only: {"state_dict", "layer_norm_eps"} (not a submodule)
 
     def _interp(self, pixels: torch.Tensor) -> bool:
         return tuple(pixels.shape[-2:]) != (self.native_size, self.native_size)
@@ -165,6 +171,20 @@ class HFModel(VisionLanguageModel):
         gh, gw = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
         out = self._siglip_dense(pixels, mode) if self.model_type == "siglip" else self._clip_dense(pixels, mode)
         return out.reshape(out.shape[0], gh, gw, out.shape[-1])
+
+    def detection_tokens(self, pixels: torch.Tensor):
+        """CLIP / OWLv2: `post_layernorm` on every token (as OWLv2's image embedder); SigLIP's
+        `last_hidden_state` is already post-LN, and its MAP head gives the global token."""
+        pixels = pixels.to(self._dtype())
+        gh, gw = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
+        vm = self.model.vision_model
+        x = vm(pixel_values=pixels, interpolate_pos_encoding=self._interp(pixels)).last_hidden_state
+        if self.model_type == "siglip":
+            head = getattr(vm, "head", None)
+            return x.reshape(x.shape[0], gh, gw, -1), (None if head is None else head(x)), \
+                ("none" if head is None else "map")
+        x = vm.post_layernorm(x)
+        return x[:, 1:].reshape(x.shape[0], gh, gw, -1), x[:, 0], "cls"
 
     def _siglip_dense(self, pixels: torch.Tensor, mode: str) -> torch.Tensor:
         vm = self.model.vision_model
@@ -201,6 +221,8 @@ class HFModel(VisionLanguageModel):
         from silc_bench.models.base import resolve_blocks
 
         mode = self.check_dense_mode(mode)
+        if self.model_type not in ("clip", "siglip"):
+            raise NotImplementedError(f"intermediate block outputs are not offered for hf {self.model_type}")
         pixels = pixels.to(self._dtype())
         gh, gw = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
         vm = self.model.vision_model
@@ -266,7 +288,8 @@ def load_hf(directory: str | Path, device: str | torch.device = "cpu") -> HFMode
         raise UserError(f"cannot read {cfg_path}: {e}", path=cfg_path, fix="restore config.json") from e
     if model_type not in FAMILIES:
         raise UserError(f"unsupported hf model_type {model_type!r} in {cfg_path}", path=cfg_path,
-                        fix=f"silc-bench loads model_type {sorted(FAMILIES)} (SiglipModel, CLIPModel) saved whole, "
+                        fix=f"silc-bench loads model_type {sorted(FAMILIES)} (SiglipModel, CLIPModel, "
+                            f"Owlv2ForObjectDetection) saved whole, "
                             f"not a single tower")
     if not any((directory / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
         pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (directory / n).is_file()]
@@ -307,8 +330,15 @@ def load_hf(directory: str | Path, device: str | torch.device = "cpu") -> HFMode
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"cannot load the tokenizer from {directory}: {type(e).__name__}: {e}", path=directory,
                         fix="save the matching tokenizer into the directory with tokenizer.save_pretrained") from e
+    owl_heads = None
+    if model_type == "owlv2":
+        owl_heads = {"state_dict": {k: v for k, v in model.state_dict().items() if k.startswith(OWL_HEAD_PREFIXES)},
+                     "layer_norm_eps": float(model.config.vision_config.layer_norm_eps)}
+        model = model.owlv2
     ctx = int(model.config.text_config.max_position_embeddings)
     tokenizer = HFTokenizer(tok, directory, ctx)
     preprocess = _preprocess(directory, model_type, int(model.config.vision_config.image_size))
     provenance = {"path": str(directory), "sha256": sha256_dir(directory)}
-    return HFModel(model.to(device), model_type, tokenizer, preprocess, provenance)
+    out = HFModel(model.to(device), model_type, tokenizer, preprocess, provenance)
+    out.owl_heads = owl_heads
+    return out

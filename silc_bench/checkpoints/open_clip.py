@@ -301,6 +301,30 @@ class OpenClipModel(VisionLanguageModel):
                 x = x + pool.mlp(pool.norm(x))
         return v.head(t.head(t.fc_norm(x)))
 
+    def detection_tokens(self, pixels: torch.Tensor):
+        """open_clip ViT: `ln_post` on every token (OWL-ViT's `vision_return_map`); timm trunks:
+        tokens after the trunk's final norm, and as the global token the MAP pool if the trunk
+        pools that way (what its embedding is made of), else its class token."""
+        pixels = pixels.to(self._dtype())
+        v = self.model.visual
+        if self.tower == "vit":
+            x = v.ln_post(self._vit_tokens(pixels, maskclip=False))
+            prefix, glob, kind = 1, x[:, 0], "cls"
+        elif self.tower in ("timm_map", "timm_vit"):
+            t = v.trunk
+            x = self._timm_tokens(pixels)
+            prefix = t.num_prefix_tokens
+            if getattr(t, "attn_pool", None) is not None:  # the tower's own summary, class token or not
+                glob, kind = t.pool(x), "map"  # timm's own rule for prefix tokens
+            elif t.cls_token is not None:
+                glob, kind = x[:, 0], "cls"
+            else:
+                glob, kind = None, "none"
+        else:
+            raise ValueError(self._unsupported_message())
+        gh, gw = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
+        return x[:, prefix:].reshape(x.shape[0], gh, gw, -1), glob, kind
+
     # ---- dense ------------------------------------------------------------------------------
     def _unsupported_message(self) -> str:
         return (f"dense features are not supported for the open_clip visual tower "

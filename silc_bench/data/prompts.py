@@ -120,6 +120,18 @@ CLIP_PAPER_81 = OPENAI_IMAGENET_80 + ["{}"]
 # words its 256-piece tokenizer was trained on (the 80 templates' words are split into letters).
 TOYWORLD = ["{}.", "a {}.", "a photo of a {}.", "a picture of a {}."]
 
+# OWL-ViT / OWLv2 evaluation queries: scenic's `CLIP_BEST_PROMPT_TEMPLATES` (owl_vit/preprocessing/
+# label_ops.py), no bare "{}"; the evaluator averages the class *logits* over them.
+OWL_BEST_7 = [
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+]
+
 TEMPLATE_SETS: dict[str, list[str]] = {
     "openai_imagenet_80": OPENAI_IMAGENET_80,
     "clip_paper": CLIP_PAPER_81,
@@ -127,6 +139,7 @@ TEMPLATE_SETS: dict[str, list[str]] = {
     "tcl_9": TCL_9,
     "a_photo_of": A_PHOTO_OF,
     "toyworld": TOYWORLD,
+    "owl_best_7": OWL_BEST_7,
 }
 
 
@@ -156,3 +169,13 @@ def canonicalize_text(text: str, keep: str = "") -> str:
     drop = "".join(c for c in string.punctuation if c not in keep)
     text = text.replace("_", " ").translate(str.maketrans("", "", drop)).lower()
     return " ".join(text.split())
+
+
+def owl_canonicalize(name: str) -> str:
+    """scenic's `_canonicalize_string` for detection class names: lowercase, every character outside
+    [a-z0-9-# ] -> space (so "_", "(" and ")" too), runs of spaces and of dashes collapsed, stripped."""
+    import re
+
+    text = re.sub(r"[^a-z0-9\-# ]", " ", name.lower())
+    text = re.sub(r" +", " ", re.sub(r"-+", "-", text))
+    return text.strip()

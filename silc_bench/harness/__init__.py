@@ -15,6 +15,7 @@ HARNESSES = {
     "zs_cls": "silc_bench.harness.zs_cls:ZeroShotClassification",
     "fewshot": "silc_bench.harness.fewshot:FewShotLinear",
     "retrieval": "silc_bench.harness.retrieval:ImageTextRetrieval",
+    "ov_det": "silc_bench.harness.ov_det:OpenVocabDetection",
 }
 
 

@@ -140,6 +140,16 @@ class VisionLanguageModel(nn.Module, abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not offer intermediate block outputs")
 
+    def detection_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+        """What an OWL-ViT detector reads: every image-tower token after the tower's final
+        LayerNorm, before any pooling or projection.
+
+        -> (patch tokens [B, h, w, W], the image's global token [B, W] or None, its kind): kind
+        "cls" (the class token, CLIP-style), "map" (the MAP head's pooled output before
+        pre-logits / head, SigLIP-style: these towers have no class token) or "none".
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not expose its image tokens for detection")
+
     def qv_parameters(self, towers: tuple[str, ...] = ("image", "text"),
                       scope: str = "qv") -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) pairs, names as in `self.named_parameters()`, that a fine-tune trains.

@@ -118,6 +118,16 @@ class BigVisionModel(VisionLanguageModel):
     def dense_features(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         return self.model.img.dense(pixels, self.check_dense_mode(mode))
 
+    def detection_tokens(self, pixels: torch.Tensor):
+        vit = self.model.img
+        x, (h, w), _ = vit.encode(pixels)
+        if vit.cls is not None:
+            return x[:, 1:].reshape(x.shape[0], h, w, -1), x[:, 0], "cls"
+        grid = x.reshape(x.shape[0], h, w, -1)
+        if vit.map_head is not None:
+            return grid, vit.map_head(x), "map"
+        return grid, None, "none"
+
     def dense_features_with_intermediates(self, pixels: torch.Tensor, mode: str | None = None, blocks=()):
         return self.model.img.dense_with_intermediates(pixels, self.check_dense_mode(mode), blocks)
 
