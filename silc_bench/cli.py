@@ -1,4 +1,4 @@
-"""`silc-bench` command line: run | ls | pretrain | train cat-seg / owl-det | report | export leaderboard | compare."""
+"""`silc-bench` command line: run | ls | pretrain | train cat-seg / owl-det / lit-decoder | report | export leaderboard | compare."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,8 @@ from silc_bench.paths import CHECKPOINT_ENV, DATA_ENV
 # Relative: resolved against the folder `silc-bench` runs in, not the package's own folder.
 DEFAULT_OUT = "results/runs"
 TRAINABLE = {"cat-seg": "CAT-Seg open-vocabulary segmentation head on a backbone (silc_bench/catseg/train.py)",
-             "owl-det": "OWL-ViT open-vocabulary detection heads on a backbone (silc_bench/detection/train.py)"}
+             "owl-det": "OWL-ViT open-vocabulary detection heads on a backbone (silc_bench/detection/train.py)",
+             "lit-decoder": "LiT-Decoder text decoder on a frozen backbone (silc_bench/litdec/train.py)"}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -205,6 +206,10 @@ def main(argv=None) -> int:
                 from silc_bench.detection.train import main as train_owl
 
                 return train_owl(rest) or 0
+            if args.what == "lit-decoder":
+                from silc_bench.litdec.train import main as train_litdec
+
+                return train_litdec(rest) or 0
             from silc_bench.catseg.train import main as train_catseg
 
             return train_catseg(rest) or 0

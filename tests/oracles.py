@@ -126,3 +126,47 @@ class ColourOwl(torch.nn.Module):
                     boxes[i, c] = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]).float() / s
                     feats[i, 0, c, c] = 1.0
         return {"features": feats, "boxes": boxes}
+
+
+class _WordCodec:
+    """Words <-> ids (0 pad / BOS, 1 EOS): the decoder's codec API for the oracle below."""
+
+    def __init__(self, words):
+        self.words = ["<pad>", "</s>"] + sorted({w for text in words for w in text.lower().split()})
+        self.bos = self.pad = 0
+        self.eos = 1
+
+    def encode(self, text):
+        return [self.words.index(w) for w in text.lower().split() if w in self.words]
+
+    def decode(self, ids):
+        return " ".join(self.words[i] for i in ids)
+
+
+class _ColourDecoder(torch.nn.Module):
+    def __init__(self, colours, codec, names):
+        super().__init__()
+        self.colours, self.codec, self.names = colours, codec, names
+
+    def image_tokens(self, pixels):
+        return (pixels.mean(dim=(2, 3)) * 255.0)[:, None]  # [B, 1, 3]: the flat colour
+
+    def generate(self, tokens, prompts, *, bos, eos, pad, max_new_tokens, use_cache=True):
+        k = ((tokens[:, 0, None, :] - self.colours) ** 2).sum(-1).argmin(-1)
+        return [self.codec.encode(self.names[int(i)])[:max_new_tokens] for i in k]
+
+
+class ColourLit(torch.nn.Module):
+    """A trained LiT-Decoder's API for the lit-decoder harness (`decoder.image_tokens / generate`,
+    `codec`, `prompts`, `backbone.preprocess`) that names the class of a flat fixture colour."""
+
+    def __init__(self, names: list[str]):
+        super().__init__()
+        self.backbone = ColourNameOracle(names, image_size=(32, 32))
+        self.codec = _WordCodec([n.replace("_", " ") for n in names] + names)
+        self.decoder = _ColourDecoder(self.backbone.colours, self.codec, names)
+        self.prompts = {"classification": "what is this", "captioning": "caption", "vqa": "{question}"}
+        self.provenance = {"format": "oracle-lit", "sha256": None}
+
+    def describe(self):
+        return dict(self.provenance)

@@ -18,7 +18,8 @@ import yaml
 
 from silc_bench.checkpoints.owl import load_owl
 from silc_bench.data import toyworld
-from silc_bench.detection.train import Trainer, load_config, main, train_categories, warmup_cosine_lr
+from silc_bench.detection.train import Trainer, load_config, main, train_categories
+from silc_bench.training.runtime import warmup_cosine_lr
 from silc_bench.errors import UserError
 from silc_bench.results.record import read_record
 

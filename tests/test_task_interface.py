@@ -11,7 +11,7 @@ from silc_bench.data.segmentation import open_dataset as open_segmentation
 from silc_bench.harness import HARNESSES, get_harness
 from silc_bench.harness.base import EXAMPLES, INDEX, SUMS, merge_results
 
-from oracles import ColourCatSeg, ColourNameOracle, ColourOwl
+from oracles import ColourCatSeg, ColourLit, ColourNameOracle, ColourOwl
 
 
 # task -> (fixture writer, dataset, --protocol overrides, model factory, {metric: known answer})
@@ -52,6 +52,10 @@ def _ov_det(root):
     return "lvis", {"input_size": 64, "templates": "a_photo_of"}, ColourOwl([f"thing_{k:03d}" for k in range(12)])
 
 
+def _lit_decoder(root):
+    return "cifar100", {}, ColourLit(_cifar(root))  # generated class names, scored by exact match
+
+
 def pixel_oracle_miou(root, predict) -> dict:
     """mmseg's mIoU / aAcc computed here from the oracle's own per-pixel answer on whole images
     (numpy confusion matrix): what windows of a patch-size-1 oracle must reproduce exactly."""
@@ -86,6 +90,7 @@ CONTRACT = {
     "fewshot": (_fewshot, {"top1_1shot": 100.0, "top1_25shot_seed2": 100.0}),
     "retrieval": (_retrieval, {"i2t_R@1": 100.0, "t2i_R@1": 100.0, "t2i_R@5": 100.0}),
     "ov-det": (_ov_det, {"AP": 100.0, "AP50": 100.0, "AP75": 100.0}),
+    "lit-decoder": (_lit_decoder, {"score": 100.0, "accuracy": 100.0}),
 }
 
 
@@ -131,5 +136,5 @@ def test_runner_names_no_task_and_no_model_kind():
     import inspect
 
     source = inspect.getsource(runner)
-    for name in [*registry.tasks(), "catseg", "zs_seg", "ov_seg", "ov_det", "owl", "load_model("]:
+    for name in [*registry.tasks(), "catseg", "zs_seg", "ov_seg", "ov_det", "owl", "lit_decoder", "litdec", "load_model("]:
         assert name not in source, name

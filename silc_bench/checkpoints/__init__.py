@@ -118,6 +118,7 @@ MODEL_LOADERS = {
     "vlm": "silc_bench.checkpoints:load_model",
     "catseg": "silc_bench.checkpoints.catseg:load_catseg_model",
     "owl": "silc_bench.checkpoints.owl:load_owl",
+    "litdec": "silc_bench.checkpoints.litdec:load_litdec",
 }
 
 

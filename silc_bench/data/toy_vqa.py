@@ -116,6 +116,20 @@ def write_vqa(root: Path, seed: int = 0, world: int = toyworld.DEFAULT_WORLD, nu
     return root
 
 
+def ensure(entry: dict, data_root: Path) -> None:
+    """Write the question splits an entry names (`generate: toyworld_qa`; its root is `<base>/vqa` or
+    `<base>/gqa`) under the data root if not there yet."""
+    import sys
+
+    from silc_bench import paths
+
+    base = Path(data_root) / Path(entry["root"]).parent
+    if not (base / "qa_manifest.json").exists():
+        print(f"silc-bench: generating the toy question splits {entry['name']!r} (first use) in {base}; to write "
+              f"them elsewhere pass --data-root DIR or set ${paths.DATA_ENV}", file=sys.stderr, flush=True)
+    write_vqa(base, world=entry.get("world", toyworld.DEFAULT_WORLD))
+
+
 def main(argv=None) -> None:
     """`python -m silc_bench.data.toy_vqa ROOT [--world 2]`: write the question splits under ROOT."""
     import argparse
@@ -131,3 +145,34 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     main()
 
+
+
+def decoder_tokenizer_corpus(num_scenes: int = 3000, seed: int = 0) -> list[str]:
+    """Text for the toy LiT-Decoder's tokenizer: the captions corpus plus every question and answer
+    of `num_scenes` training scenes, class names and the digits (fixed order: deterministic)."""
+    lines = list(toyworld.tokenizer_corpus())
+    for world in (1, 2):
+        for i in range(num_scenes):
+            scene = toyworld.render(i, seed=seed, size=SIZE, split="train", world=world)
+            for q in questions_for(scene, np.random.default_rng([_QUESTION_STREAM, seed, i])):
+                lines += [q["question"], q["answer"]]
+    lines += list(toyworld.CLASSES) + [str(d) for d in range(10)]
+    return lines
+
+
+def train_decoder_tokenizer(out_path, vocab_size: int = 320) -> Path:
+    """The toy LiT-Decoder's sentencepiece model (BPE; pad 0, eos 1, unk 2, no bos), byte-identical
+    across runs (single thread, unshuffled corpus, written without its path):
+    `python -c "from silc_bench.data.toy_vqa import train_decoder_tokenizer as t; t('silc_bench/assets/toyworld_decoder_sp.model')"`."""
+    import io
+
+    import sentencepiece as spm
+
+    out = Path(out_path)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(decoder_tokenizer_corpus()), model_writer=buf, vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
+        input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
+    out.write_bytes(buf.getvalue())
+    return out

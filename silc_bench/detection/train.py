@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ from silc_bench.detection.owl import OwlDetector, resize_with_pad
 from silc_bench.errors import UserError
 from silc_bench.recipes import merge_settings, read_recipe, run_main
 from silc_bench.training import runtime as rt
+from silc_bench.training.runtime import warmup_cosine_lr
 
 DEFAULTS = {
     "model": {"merge": "mul-ln", "finetune": "none", "objectness": True},
@@ -72,14 +72,6 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
                         fix=f"use one of {', '.join(FINETUNE)}")
     get_templates(cfg["text"]["templates"])
     return cfg
-
-
-def warmup_cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (scenic's schedule shape)."""
-    if warmup and step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(total - warmup, 1)
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
 # ---------------------------------------------------------------------------------- data

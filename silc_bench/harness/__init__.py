@@ -16,6 +16,7 @@ HARNESSES = {
     "fewshot": "silc_bench.harness.fewshot:FewShotLinear",
     "retrieval": "silc_bench.harness.retrieval:ImageTextRetrieval",
     "ov_det": "silc_bench.harness.ov_det:OpenVocabDetection",
+    "lit_decoder": "silc_bench.harness.lit_decoder:LitDecoderEval",
 }
 
 

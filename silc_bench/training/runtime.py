@@ -18,6 +18,7 @@ import argparse
 import copy
 import io
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -187,6 +188,15 @@ def same_settings(saved: str, current: dict, *, section: tuple[str, ...], runtim
 def public(settings: dict) -> dict:
     """Settings without the `_`-prefixed bookkeeping keys (where the config file was, ...)."""
     return {k: v for k, v in settings.items() if not k.startswith("_")}
+
+
+# ---------------------------------------------------------------------------------- schedule
+def warmup_cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (scenic's schedule shape)."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
 # ---------------------------------------------------------------------------------- run folder, loop
