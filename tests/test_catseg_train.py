@@ -13,6 +13,8 @@ from silc_bench.catseg.train import Trainer, bce_loss, class_subset, cosine_lr, 
 from silc_bench.checkpoints.catseg import load_catseg
 from silc_bench.data import toyworld
 from silc_bench.errors import UserError
+from training_helpers import Crash, crash_after
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -60,19 +62,6 @@ def test_toy_training_reduces_loss_and_exports(toy_cfg, tiny_big_vision_npz, tmp
     names = [["ball"], ["grass"]]
     with torch.no_grad():
         torch.testing.assert_close(loaded(px, names), trainer.model.eval()(px, names))
-
-
-class Crash(Exception):
-    """Stands for a kill: the run ends where it is, with nothing saved beyond its last checkpoint."""
-
-
-def crash_after(n: int, seen: list):
-    def callback(done, stats):
-        seen.append(stats)
-        if done == n:
-            raise Crash
-
-    return callback
 
 
 def test_kill_and_resume_continue_identically(toy_cfg, tiny_big_vision_npz, tmp_path):

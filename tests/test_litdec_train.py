@@ -13,21 +13,10 @@ import yaml
 from silc_bench.checkpoints.litdec import load_litdec
 from silc_bench.errors import UserError
 from silc_bench.litdec.train import Trainer, collate, load_config
+from training_helpers import Crash, crash_after
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOKENIZER = "silc_bench/assets/toyworld_decoder_sp.model"
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_after(n, seen):
-    def callback(done, stats):
-        seen.append(stats)
-        if done == n:
-            raise Crash
-    return callback
 
 
 @pytest.fixture(scope="module")

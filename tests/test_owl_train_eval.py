@@ -19,26 +19,15 @@ import yaml
 from silc_bench.checkpoints.owl import load_owl
 from silc_bench.data import toyworld
 from silc_bench.detection.train import Trainer, load_config, main, train_categories
-from silc_bench.training.runtime import warmup_cosine_lr
 from silc_bench.errors import UserError
 from silc_bench.results.record import read_record
+from silc_bench.training.runtime import warmup_cosine_lr
+from training_helpers import Crash, crash_after
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EVAL_ARGS = ["--datasets", "toyworld_lvis", "--limit", "8", "--shard-size", "2", "--workers", "0", "--no-progress",
              "--protocol", "input_size=32", "--protocol", "top_k=50"]
 SAME_KEYS = ("metrics", "per_class", "protocol", "protocol_sha256", "dataset", "details", "task")
-
-
-class Crash(Exception):
-    """Stands for a kill: the run ends with nothing saved beyond its last checkpoint."""
-
-
-def crash_after(n, seen):
-    def callback(done, stats):
-        seen.append(stats)
-        if done == n:
-            raise Crash
-    return callback
 
 
 @pytest.fixture(scope="module")

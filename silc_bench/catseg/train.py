@@ -22,7 +22,6 @@ loop: silc_bench.training.runtime.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -345,29 +344,14 @@ class Trainer:
                            train={**rt.public(self.cfg), "classes": self.classnames, "steps_done": self.step})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="silc-bench train cat-seg", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="backbone: registry name, .npz, open_clip:ARCH[:WEIGHTS], hf:DIR")
-    ap.add_argument("--config", required=True, help="YAML recipe (configs/cat_seg/*.yaml)")
-    ap.add_argument("--out", required=True, help="run folder: log, checkpoint, catseg.safetensors + catseg.json")
-    ap.add_argument("--data-root", help="dataset root (else $SILC_BENCH_DATA, else ~/data)")
-    ap.add_argument("--checkpoint-dir", help="where registry checkpoints live")
-    ap.add_argument("--steps", type=int, help="overrides train.steps (the schedule's length)")
-    ap.add_argument("--seed", type=int, help="overrides train.seed")
-    rt.add_loop_arguments(ap)
-    return ap
+def build_parser():
+    return rt.head_trainer_parser("silc-bench train cat-seg", __doc__.split("\n")[0],
+                                  "YAML recipe (configs/cat_seg/*.yaml)",
+                                  "run folder: log, checkpoint, catseg.safetensors + catseg.json")
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    train = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
-    cfg = load_config(args.config, {"train": train} if train else None)
-    with rt.distributed() as (rank, _):
-        trainer = Trainer(cfg, args.model, args.out, data_root=args.data_root, checkpoint_dir=args.checkpoint_dir)
-        trainer.run(resume=args.resume, stop_at_step=args.stop_at_step)
-    if rank == 0 and trainer.step == trainer.total_steps:
-        print(f"wrote {Path(args.out) / META_FILE}")
-    return 0
+    return rt.head_trainer_main(argv, build_parser(), load_config, Trainer, META_FILE)
 
 
 if __name__ == "__main__":

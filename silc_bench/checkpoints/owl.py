@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
 from silc_bench.checkpoints import load_model
 from silc_bench.detection.owl import OwlDetector

@@ -24,8 +24,6 @@ backbone weights, if any, are stored with the heads).
 """
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +152,10 @@ def _collate(items):
 
 
 # ---------------------------------------------------------------------------------- trainer
-class Trainer:
+class Trainer(rt.ParameterCheckpoints):
+    what = "OWL training"
+    runtime_keys = _RUNTIME
+
     def __init__(self, cfg: dict, model_spec: str, out_dir, *, data_root=None, checkpoint_dir=None,
                  backbone=None, dataset=None):
         """`backbone` / `dataset` may be given directly (tests); else built from spec / config."""
@@ -208,9 +209,6 @@ class Trainer:
         self.ddp = rt.wrap_ddp(self.model, self.device, self.world)
         self.step = 0
 
-    def trainable_state(self) -> dict:
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-
     # ---- data
     def loader(self, start: int):
         steps = range(start, self.total_steps)
@@ -243,53 +241,17 @@ class Trainer:
         return {"loss": float(stats[0]), "class": float(stats[1]), "bbox": float(stats[2]), "giou": float(stats[3]),
                 "lr": lr, "grad_norm": float(gnorm)}
 
-    # ---- checkpoints
-    @property
-    def ckpt_path(self) -> Path:
-        return self.folder.checkpoint
-
+    # ---- the loop (checkpoints and run: rt.ParameterCheckpoints)
     def _identity(self) -> dict:
         return {"config": rt.public(self.cfg), "spec": self.spec, "backbone_sha256": self.backbone_sha}
 
-    def save_checkpoint(self) -> None:
-        if self.rank != 0:
-            return
-        state = {"step": self.step, "trainable": self.trainable_state(), **rt.loop_state(self.opt, self.scaler),
-                 "identity": json.dumps(self._identity(), sort_keys=True)}
-        rt.save_atomic(state, self.ckpt_path)
+    def batches(self, start: int):
+        return zip(range(start, self.total_steps), self.loader(start))
 
-    def load_checkpoint(self, path: Path) -> None:
-        state = rt.read_checkpoint(path, device=self.device, what="OWL training")
-        if not rt.same_settings(state["identity"], self._identity(), section=("config", "train"), runtime_keys=_RUNTIME):
-            raise UserError("the checkpoint was written with another config, backbone or steps", path=path,
-                            fix="resume with the same --model and config, or use a new --out")
-        params = dict(self.model.named_parameters())
-        if set(state["trainable"]) != {n for n, p in params.items() if p.requires_grad}:
-            raise UserError("the checkpoint's trainable weights do not match this detector", path=path,
-                            fix="resume with the same --model and config")
-        with torch.no_grad():
-            for n, v in state["trainable"].items():
-                params[n].copy_(v.to(params[n].device))
-        rt.restore_loop_state(state, self.opt, self.scaler)
-        self.step = int(state["step"])
-
-    # ---- the loop
-    def run(self, resume: bool = False, *, stop_at_step: int | None = None, callbacks=()) -> list[dict]:
-        ckpt = self.folder.resume_from(resume, "OWL training")
-        if ckpt is not None:
-            self.load_checkpoint(ckpt)
-        self.folder.start(self._identity(), self.step)
-        tr = self.cfg["train"]
-        batches = zip(range(self.step, self.total_steps), self.loader(self.step))
-        records = rt.run_steps(self, batches, self.folder, log_every=tr["log_every"], ckpt_every=tr["ckpt_every"],
-                               line=lambda st: f"step {st['step']}: loss {st['loss']:.4f} (class {st['class']:.3f} "
-                                               f"bbox {st['bbox']:.3f} giou {st['giou']:.3f}) lr {st['lr']:.2e}",
-                               stop_at_step=stop_at_step, callbacks=callbacks)
-        if self.step == self.total_steps and self.rank == 0:
-            self.export()
-        if self.world > 1:
-            dist.barrier()
-        return records
+    @staticmethod
+    def line(st: dict) -> str:
+        return (f"step {st['step']}: loss {st['loss']:.4f} (class {st['class']:.3f} bbox {st['bbox']:.3f} "
+                f"giou {st['giou']:.3f}) lr {st['lr']:.2e}")
 
     def export(self) -> Path:
         tuned = [n for n, p in self.model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
@@ -299,30 +261,13 @@ class Trainer:
                                                  "steps_done": self.step}})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="silc-bench train owl-det", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="backbone: registry name, .npz, open_clip:ARCH[:WEIGHTS], hf:DIR")
-    ap.add_argument("--config", required=True, help="YAML recipe (configs/owl/*.yaml)")
-    ap.add_argument("--out", required=True, help="run folder: log, checkpoint, heads.safetensors + owl_detector.json")
-    ap.add_argument("--data-root", help="dataset root (else $SILC_BENCH_DATA, else ~/data)")
-    ap.add_argument("--checkpoint-dir", help="where registry checkpoints live")
-    ap.add_argument("--steps", type=int, help="overrides train.steps (the schedule's length)")
-    ap.add_argument("--seed", type=int, help="overrides train.seed")
-    rt.add_loop_arguments(ap)
-    return ap
+def build_parser():
+    return rt.head_trainer_parser("silc-bench train owl-det", __doc__.split("\n")[0], "YAML recipe (configs/owl/*.yaml)",
+                                  "run folder: log, checkpoint, heads.safetensors + owl_detector.json")
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    train = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
-    cfg = load_config(args.config, {"train": train} if train else None)
-    cfg["_config_path"] = str(args.config)
-    with rt.distributed() as (rank, _):
-        trainer = Trainer(cfg, args.model, args.out, data_root=args.data_root, checkpoint_dir=args.checkpoint_dir)
-        trainer.run(resume=args.resume, stop_at_step=args.stop_at_step)
-    if rank == 0 and trainer.step == trainer.total_steps:
-        print(f"wrote {Path(args.out) / DETECTOR_FILE}")
-    return 0
+    return rt.head_trainer_main(argv, build_parser(), load_config, Trainer, DETECTOR_FILE)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,18 @@ def merge_results(results: list[dict]) -> dict:
     return out
 
 
+def open_first(names: list[str], open_one):
+    """The dataset of the first of `names` that `open_one(name)` opens (a task spec's
+    `dataset_entries` list several on-disk layouts for one column); else the first one's error."""
+    errors = []
+    for name in names:
+        try:
+            return open_one(name)
+        except UserError as e:
+            errors.append(e)
+    raise errors[0]
+
+
 def metric_block(task: dict) -> dict:
     """The spec's `metric:` block, checked: {primary, higher_is_better, report}."""
     block = task.get("metric") or {}

@@ -18,7 +18,7 @@ from silc_bench import registry
 from silc_bench.data.loading import iterate
 from silc_bench.data.transforms import ImageTransform
 from silc_bench.errors import UserError
-from silc_bench.harness.base import EXAMPLES, INDEX, Harness
+from silc_bench.harness.base import EXAMPLES, INDEX, Harness, open_first
 from silc_bench.litdec.text import prompt_text
 from silc_bench.metrics import text_answers
 
@@ -68,13 +68,7 @@ class LitDecoderEval(Harness):
 
     def open_dataset(self, name, data_root, limit=None):
         entries = (self.task.get("dataset_entries") or {}).get(name) or [name]
-        errors = []
-        for entry in entries:
-            try:
-                return open_lit_dataset(entry, data_root, limit)
-            except UserError as e:
-                errors.append(e)
-        raise errors[0]
+        return open_first(entries, lambda entry: open_lit_dataset(entry, data_root, limit))
 
     def setup(self, model, dataset, protocol, device, cache=None):
         if dataset.lit_kind == "captioning":

@@ -22,7 +22,7 @@ from silc_bench.data.loading import iterate
 from silc_bench.data.prompts import get_templates, owl_canonicalize, prompt_set_hash
 from silc_bench.detection.owl import boxes_to_image_xywh, resize_with_pad, top_k_detections
 from silc_bench.errors import UserError
-from silc_bench.harness.base import EXAMPLES, INDEX, Harness
+from silc_bench.harness.base import EXAMPLES, INDEX, Harness, open_first
 from silc_bench.harness.text import cache_key, text_settings
 from silc_bench.hashing import sha256_json
 from silc_bench.metrics.detection import coco_box_ap, detections_to_coco, lvis_box_ap
@@ -60,17 +60,14 @@ class OpenVocabDetection(Harness):
     model_loader = "owl"
 
     def open_dataset(self, name, data_root, limit=None):
-        errors = []
-        # the task spec's `dataset_entries` map a Table 4 column to datasets.yaml entries (coco -> coco_det)
-        for entry_name in (self.task.get("dataset_entries") or {}).get(name) or [name]:
+        def open_one(entry_name):
             entry = registry.dataset_entry(entry_name)
             if entry.get("kind") != "detection":
                 raise UserError(f"dataset {entry_name!r} is not a detection dataset", fix="pick one of ov-det's")
-            try:
-                return open_detection(entry, data_root, limit)
-            except UserError as e:
-                errors.append(e)
-        raise errors[0]
+            return open_detection(entry, data_root, limit)
+
+        # the task spec's `dataset_entries` map a Table 4 column to datasets.yaml entries (coco -> coco_det)
+        return open_first((self.task.get("dataset_entries") or {}).get(name) or [name], open_one)
 
     def setup(self, model, dataset, protocol, device, cache=None):
         templates = get_templates(protocol["templates"])

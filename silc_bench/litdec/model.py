@@ -142,7 +142,7 @@ class LitDecoder(nn.Module):
         budget = min(max_new_tokens, self.config.max_len - width)
         if use_cache:
             caches = [{"self": {}, "cross": {}} for _ in self.blocks]
-            step_ids, step_mask, offset = ids, key_mask, 0
+            step_ids, offset = ids, 0
         for step in range(budget):
             if use_cache:
                 t = step_ids.shape[1]

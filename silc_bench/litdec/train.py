@@ -16,12 +16,9 @@ checkpoint.pt (atomic); at the end litdec.safetensors + litdec.json (silc_bench/
 """
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from silc_bench import paths
@@ -91,7 +88,10 @@ def collate(examples: list[tuple[list[int], int]], pad: int):
     return ids, mask, target
 
 
-class Trainer:
+class Trainer(rt.ParameterCheckpoints):
+    what = "LiT-Decoder training"
+    runtime_keys = _RUNTIME
+
     def __init__(self, cfg: dict, model_spec: str, out_dir, *, data_root=None, checkpoint_dir=None, backbone=None):
         self.cfg, self.out = cfg, Path(out_dir)
         self.rank, self.world = rt.rank_world()
@@ -165,51 +165,16 @@ class Trainer:
         stat = rt.mean_over_processes(loss.detach().float().reshape(1), self.world)
         return {"loss": float(stat), "lr": lr, "grad_norm": float(gnorm)}
 
-    @property
-    def ckpt_path(self) -> Path:
-        return self.folder.checkpoint
-
     def _identity(self) -> dict:
         return {"config": rt.public(self.cfg), "spec": self.spec, "backbone_sha256": self.backbone_sha,
                 "tokenizer_sha256": self.codec.describe()["sha256"]}
 
-    def trainable_state(self) -> dict:
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+    def batches(self, start: int):
+        return ((s, self.batch_for(s)) for s in range(start, self.total_steps))
 
-    def save_checkpoint(self) -> None:
-        if self.rank != 0:
-            return
-        state = {"step": self.step, "trainable": self.trainable_state(), **rt.loop_state(self.opt, self.scaler),
-                 "identity": json.dumps(self._identity(), sort_keys=True)}
-        rt.save_atomic(state, self.ckpt_path)
-
-    def load_checkpoint(self, path: Path) -> None:
-        state = rt.read_checkpoint(path, device=self.device, what="LiT-Decoder training")
-        if not rt.same_settings(state["identity"], self._identity(), section=("config", "train"), runtime_keys=_RUNTIME):
-            raise UserError("the checkpoint was written with another config, backbone or steps", path=path,
-                            fix="resume with the same --model and config, or use a new --out")
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, v in state["trainable"].items():
-                params[n].copy_(v.to(params[n].device))
-        rt.restore_loop_state(state, self.opt, self.scaler)
-        self.step = int(state["step"])
-
-    def run(self, resume: bool = False, *, stop_at_step: int | None = None, callbacks=()) -> list[dict]:
-        ckpt = self.folder.resume_from(resume, "LiT-Decoder training")
-        if ckpt is not None:
-            self.load_checkpoint(ckpt)
-        self.folder.start(self._identity(), self.step)
-        tr = self.cfg["train"]
-        batches = ((s, self.batch_for(s)) for s in range(self.step, self.total_steps))
-        records = rt.run_steps(self, batches, self.folder, log_every=tr["log_every"], ckpt_every=tr["ckpt_every"],
-                               line=lambda st: f"step {st['step']}: loss {st['loss']:.4f} lr {st['lr']:.2e}",
-                               stop_at_step=stop_at_step, callbacks=callbacks)
-        if self.step == self.total_steps and self.rank == 0:
-            self.export()
-        if self.world > 1:
-            dist.barrier()
-        return records
+    @staticmethod
+    def line(st: dict) -> str:
+        return f"step {st['step']}: loss {st['loss']:.4f} lr {st['lr']:.2e}"
 
     def export(self) -> Path:
         from silc_bench.checkpoints.litdec import save_litdec
@@ -230,30 +195,14 @@ class _TeacherForcing(torch.nn.Module):
         return self.model.logits(tokens, ids, mask)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="silc-bench train lit-decoder", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="backbone: registry name, .npz, open_clip:ARCH[:WEIGHTS], hf:DIR")
-    ap.add_argument("--config", required=True, help="YAML recipe (configs/lit_decoder/*.yaml)")
-    ap.add_argument("--out", required=True, help="run folder: log, checkpoint, litdec.safetensors + litdec.json")
-    ap.add_argument("--data-root", help="dataset root (else $SILC_BENCH_DATA, else ~/data)")
-    ap.add_argument("--checkpoint-dir", help="where registry checkpoints live")
-    ap.add_argument("--steps", type=int, help="overrides train.steps")
-    ap.add_argument("--seed", type=int, help="overrides train.seed")
-    rt.add_loop_arguments(ap)
-    return ap
+def build_parser():
+    return rt.head_trainer_parser("silc-bench train lit-decoder", __doc__.split("\n")[0],
+                                  "YAML recipe (configs/lit_decoder/*.yaml)",
+                                  "run folder: log, checkpoint, litdec.safetensors + litdec.json")
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    train = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
-    cfg = load_config(args.config, {"train": train} if train else None)
-    cfg["_config_path"] = str(args.config)
-    with rt.distributed() as (rank, _):
-        trainer = Trainer(cfg, args.model, args.out, data_root=args.data_root, checkpoint_dir=args.checkpoint_dir)
-        trainer.run(resume=args.resume, stop_at_step=args.stop_at_step)
-    if rank == 0 and trainer.step == trainer.total_steps:
-        print(f"wrote {Path(args.out) / 'litdec.json'}")
-    return 0
+    return rt.head_trainer_main(argv, build_parser(), load_config, Trainer, "litdec.json")
 
 
 if __name__ == "__main__":

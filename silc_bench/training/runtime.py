@@ -293,6 +293,89 @@ def run_steps(trainer: Steppable, batches: Iterable, folder: RunFolder, *, log_e
     return records
 
 
+def head_trainer_parser(prog: str, description: str, config_help: str, out_help: str) -> argparse.ArgumentParser:
+    """The command line of every trainer of a head on a backbone (cat-seg, owl-det, lit-decoder)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--model", required=True, help="backbone: registry name, .npz, open_clip:ARCH[:WEIGHTS], hf:DIR")
+    ap.add_argument("--config", required=True, help=config_help)
+    ap.add_argument("--out", required=True, help=out_help)
+    ap.add_argument("--data-root", help="dataset root (else $SILC_BENCH_DATA, else ~/data)")
+    ap.add_argument("--checkpoint-dir", help="where registry checkpoints live")
+    ap.add_argument("--steps", type=int, help="overrides train.steps (the schedule's length)")
+    ap.add_argument("--seed", type=int, help="overrides train.seed")
+    add_loop_arguments(ap)
+    return ap
+
+
+def head_trainer_main(argv, parser: argparse.ArgumentParser, load_config, trainer_cls, exported: str) -> int:
+    """Parse, load the recipe (--steps / --seed on top), train under torchrun or alone, and say
+    where the exported model went (`exported`: its file name in --out)."""
+    args = parser.parse_args(argv)
+    train = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    cfg = load_config(args.config, {"train": train} if train else None)
+    cfg["_config_path"] = str(args.config)
+    with distributed() as (rank, _):
+        trainer = trainer_cls(cfg, args.model, args.out, data_root=args.data_root, checkpoint_dir=args.checkpoint_dir)
+        trainer.run(resume=args.resume, stop_at_step=args.stop_at_step)
+    if rank == 0 and trainer.step == trainer.total_steps:
+        print(f"wrote {Path(args.out) / exported}")
+    return 0
+
+
+class ParameterCheckpoints:
+    """Checkpoints and the loop for trainers whose trainable weights are exactly the parameters of
+    `self.model` with requires_grad (owl-det, lit-decoder). The trainer provides: model, opt,
+    scaler, folder, rank, world, step, total_steps, device, cfg, `_identity()`, `batches(start)`
+    ((step, batch) pairs), `line(stats)`, `export()`, and `what` (its name in messages)."""
+
+    what = "training"
+
+    def trainable_state(self) -> dict:
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.folder.checkpoint
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        state = {"step": self.step, "trainable": self.trainable_state(), **loop_state(self.opt, self.scaler),
+                 "identity": json.dumps(self._identity(), sort_keys=True)}
+        save_atomic(state, self.ckpt_path)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = read_checkpoint(path, device=self.device, what=self.what)
+        if not same_settings(state["identity"], self._identity(), section=("config", "train"),
+                             runtime_keys=self.runtime_keys):
+            raise UserError("the checkpoint was written with another config, backbone or steps", path=path,
+                            fix="resume with the same --model and config, or use a new --out")
+        params = dict(self.model.named_parameters())
+        if set(state["trainable"]) != {n for n, p in params.items() if p.requires_grad}:
+            raise UserError("the checkpoint's trainable weights do not match this model", path=path,
+                            fix="resume with the same --model and config")
+        with torch.no_grad():
+            for n, v in state["trainable"].items():
+                params[n].copy_(v.to(params[n].device))
+        restore_loop_state(state, self.opt, self.scaler)
+        self.step = int(state["step"])
+
+    def run(self, resume: bool = False, *, stop_at_step: int | None = None, callbacks=()) -> list[dict]:
+        """Train to the end and export; -> the statistics of the steps run (see `run_steps`)."""
+        ckpt = self.folder.resume_from(resume, self.what)
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+        self.folder.start(self._identity(), self.step)
+        tr = self.cfg["train"]
+        records = run_steps(self, self.batches(self.step), self.folder, log_every=tr["log_every"],
+                            ckpt_every=tr["ckpt_every"], line=self.line, stop_at_step=stop_at_step, callbacks=callbacks)
+        if self.step == self.total_steps and self.rank == 0:
+            self.export()
+        if self.world > 1:
+            dist.barrier()
+        return records
+
+
 def add_loop_arguments(ap: argparse.ArgumentParser) -> None:
     """The options every trainer's command line takes: --resume and --stop-at-step."""
     ap.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt if it exists")
