@@ -62,6 +62,9 @@ def _add_run(sub):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's image path (for GPUs; the first images wait for the compiler); "
                         "recorded, and part of the record's name")
+    p.add_argument("--save-predictions", action="store_true",
+                   help="zs-seg / ov-seg: write each image's predicted class map (PNG) beside the record, for "
+                        "`silc-bench report --html` (add --force if the record exists)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -96,6 +99,7 @@ def cmd_run(args) -> int:
         device=args.device or default_device(), batch_size=args.batch_size, workers=args.workers, limit=args.limit,
         protocol_overrides={**_parse_overrides(args.protocol, task), **({"dense_mode": args.dense_mode} if args.dense_mode else {})}, force=args.force, progress=not args.no_progress,
         cache=not args.no_cache, shard_size=args.shard_size, precision=args.precision, compile=args.compile,
+        save_predictions=args.save_predictions,
     )
     from silc_bench.precision import check as check_precision
 

@@ -21,6 +21,7 @@ from silc_bench.checkpoints import get_loader
 from silc_bench.errors import UserError
 from silc_bench.harness import get_harness
 from silc_bench.harness.base import EXAMPLES, SUMS, Harness, merge_results
+from silc_bench.harness.predictions import prediction_format
 from silc_bench.hashing import sha256_dir, sha256_file, sha256_json
 from silc_bench.precision import autocast, compile_model
 from silc_bench.precision import describe as describe_precision
@@ -45,6 +46,7 @@ class RunOptions:
     shard_size: int = 32
     precision: str = "fp32"  # fp32 | bf16 | fp16 (silc_bench/precision.py); part of the record's identity
     compile: bool = False    # torch.compile the model (silc_bench/precision.py); part of the record's identity
+    save_predictions: bool = False  # per-image class maps beside the record (harnesses with `saves_predictions`)
 
 
 def protocol_for(task: dict, dataset, overrides: dict | None) -> dict:
@@ -218,12 +220,21 @@ def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: Ru
     cache = Cache(cache_dir) if opts.cache else None
     with autocast(opts.precision, opts.device):
         prepared = harness.setup(model, dataset, protocol, opts.device, cache=cache)
+    prediction_dir = None
+    if opts.save_predictions:
+        if not getattr(harness, "saves_predictions", False):
+            raise UserError(f"task {task['name']!r} does not save per-image predictions",
+                            fix="leave out --save-predictions (`silc-bench ls tasks`: the segmentation tasks save them)")
+        record_file = output_path(task["name"], model_spec, dataset_name, opts)
+        prediction_dir = record_file.with_name(record_file.stem + ".predictions")
+        prepared.prediction_dir = str(prediction_dir)
     roots = declared_roots(opts)
     description = relativize(describe_dataset(dataset, dataset_name, opts.limit), roots)
     model_info = relativize(describe_model(model), roots)
     details = relativize(getattr(prepared, "details", {}) or {}, roots)
     work_key = sha256_json({"task": task["version"], "model": model_info, "dataset": description, "protocol": protocol,
-                            "details": details, "precision": opts.precision, "compiled": opts.compile})
+                            "details": details, "precision": opts.precision, "compiled": opts.compile,
+                            "predictions": opts.save_predictions})
     work_dir = output_path(task["name"], model_spec, dataset_name, opts).parent / "shards" / f"{dataset_name}-{work_key[:16]}"
     n = len(dataset)
     shards = [range(i, min(i + opts.shard_size, n)) for i in range(0, n, opts.shard_size)]
@@ -282,6 +293,10 @@ def evaluate_one(task: dict, model, model_spec: str, dataset_name: str, opts: Ru
                    "batch_size": batch_size, "workers": opts.workers, "world_size": world,
                    "note": "timing covers this invocation only (reused shards take no time)" if reused else None},
         "_work": {"dir": str(work_dir), "shards": len(shards), "computed": computed, "reused": reused},
+        **({"predictions": {"dir": prediction_dir.name, "format": prediction_format(dataset.num_classes),
+                            "count": len(list(prediction_dir.glob("*.png"))),
+                            "note": "one PNG of class ids per image, named as the image, beside the record"}}
+           if prediction_dir is not None else {}),
     }
 
 

@@ -20,6 +20,8 @@ task-specific; the runner names no task and no model kind.
   metrics (AP, CIDEr, retrieval, few-shot) that need every prediction. A shard result must depend
   only on `indices` (never on which other shards ran, the batch size or the rank): that is what
   makes resumed, re-batched and multi-process runs give the identical record.
+- `saves_predictions` (class attribute, default False): the harness writes each image's prediction
+  to `prepared.prediction_dir` when the runner sets it (`--save-predictions`; zs-seg, ov-seg).
 - `default_batch_size(model, prepared, device)` -> examples (or crops) per forward when the user
   gives no `--batch-size` (default 16; zs-seg sizes it by tokens on a CPU). Never changes a number.
 - `merge(results)` -> one result of the same form (the default above; override only for another

@@ -29,6 +29,7 @@ from silc_bench.data.loading import iterate
 from silc_bench.errors import UserError
 from silc_bench.harness.zs_seg import slide_windows
 from silc_bench.harness.base import CountsHarness
+from silc_bench.harness.predictions import save_prediction
 from silc_bench.hashing import sha256_json
 from silc_bench.metrics.segmentation import SegmentationMetric
 
@@ -267,6 +268,7 @@ def evaluate(model, dataset, prepared: OvSegSetup, indices, *, device, batch_siz
                 pred = combine_views(torch.stack(item.logits), prepared.boxes, p, item.label.shape,
                                      prepared.query_to_label)
                 metric.update(pred, item.label)
+                save_prediction(prepared, dataset, image_id, pred)
                 if progress is not None:
                     progress.update(1)
 
@@ -316,6 +318,7 @@ class OpenVocabSegmentation(CountsHarness):
     `dataset_entries` say which on-disk layouts can serve each Table 3 column."""
 
     model_loader = "catseg"
+    saves_predictions = True  # --save-predictions: each image's class map beside the record
 
     def open_dataset(self, name, data_root, limit=None):
         dataset = open_dataset(name, data_root, limit=limit, mapping=self.task.get("dataset_entries"))

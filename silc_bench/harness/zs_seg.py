@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from silc_bench.data.loading import iterate
 from silc_bench.data.prompts import get_templates, prompt_set_hash
 from silc_bench.harness.base import CountsHarness
+from silc_bench.harness.predictions import save_prediction
 from silc_bench.harness.text import cache_key, text_embeddings
 from silc_bench.metrics.segmentation import SegmentationMetric
 
@@ -153,7 +154,9 @@ def evaluate(model, dataset, prepared: ZsSegSetup, indices, *, device, batch_siz
         canvas = canvases.pop(image_id)
         logits = canvas.logits.div_(canvas.count)  # in place: the canvas is not used again
         logits = F.interpolate(logits, size=canvas.label.shape, mode="bilinear", align_corners=False)
-        metric.update(logits.argmax(dim=1)[0], canvas.label)
+        pred = logits.argmax(dim=1)[0]
+        metric.update(pred, canvas.label)
+        save_prediction(prepared, dataset, image_id, pred)
         if progress is not None:
             progress.update(1)
 
@@ -232,6 +235,8 @@ def default_batch_size(model, prepared: ZsSegSetup, device) -> int:
 
 class ZeroShotSegmentation(CountsHarness):
     """`zs-seg` behind the task interface; the shard result is the metric's integer counts."""
+
+    saves_predictions = True  # --save-predictions: each image's class map beside the record
 
     def default_batch_size(self, model, prepared, device):
         return default_batch_size(model, prepared, device)

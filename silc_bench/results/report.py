@@ -385,6 +385,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=list(FORMATS), default="md", help="md (default), latex (booktabs) or csv")
     parser.add_argument("--out", metavar="DIR", help="write table{N}.{md,tex,csv} here instead of printing")
     parser.add_argument("--no-paper-rows", action="store_true", help="only measured rows, not the paper's")
+    parser.add_argument("--html", metavar="DIR",
+                        help="also write one page, DIR/index.html (+ its images beside it): every table, with each "
+                             "measured cell's provenance on hover, qualitative panels from records run with "
+                             "--save-predictions, and plots")
+    parser.add_argument("--data-root", help="where the datasets of the qualitative panels are (as for `run`)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -393,6 +398,12 @@ def main(args: argparse.Namespace) -> int:
     dirs = args.records or [DEFAULT_RECORDS]
     records = load_records(dirs)
     tables = [build_table(n, config[n], records, paper_rows=not args.no_paper_rows) for n in (numbers or config)]
+    if getattr(args, "html", None):  # the page shows every table (1-6), filled or not
+        from silc_bench.results.html import write_html
+
+        page = write_html(args.html, records, tables, config, data_root=getattr(args, "data_root", None))
+        print(f"wrote {page}")
+        return 0
     if numbers is None:
         tables = [t for t in tables if t.measured_rows]
         if not tables:
