@@ -476,3 +476,30 @@ def test_catseg_layout_bad_input(tmp_path):
     entry = dict(registry.dataset_entry("pc459"), keys_from="images")
     with pytest.raises(UserError, match="keys_from"):
         dataset_from_entry(entry, tmp_path)
+
+
+def test_sun397_release_layout(tmp_path):
+    """SUN397 as released: class list, split lists of image paths, images under letter folders."""
+    from silc_bench.data.classification import open_split, sun397_name
+
+    root = tmp_path / "SUN397"
+    classes = ["/a/abbey", "/b/bakery/shop", "/a/airport_terminal"]
+    (root / "Partitions").mkdir(parents=True)
+    (root / "Partitions" / "ClassName.txt").write_text("\n".join(classes) + "\n")
+    test_list = []
+    for k, c in enumerate(classes):
+        folder = root / c.lstrip("/")
+        folder.mkdir(parents=True)
+        for j in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * k + j, np.uint8)).save(folder / f"sun_{k}{j}.jpg")
+            test_list.append(f"{c}/sun_{k}{j}.jpg")
+    (root / "Partitions" / "Testing_01.txt").write_text("\n".join(test_list[::-1]) + "\n")
+    (root / "Partitions" / "Training_01.txt").write_text(test_list[0] + "\n")
+    ds = open_split(registry.dataset_entry("sun397"), "test", tmp_path)
+    assert [n[0] for n in ds.classnames] == ["abbey", "bakery shop", "airport terminal"]
+    assert len(ds) == 6 and ds.labels == [2, 2, 1, 1, 0, 0]
+    assert ds[0]["image"].shape == (3, 8, 8) and ds[0]["label"] == 2
+    assert sun397_name("/b/bakery/shop") == "bakery shop"
+    (root / "Partitions" / "Testing_01.txt").write_text("/z/zoo/sun_1.jpg\n")
+    with pytest.raises(UserError, match="no class"):
+        open_split(registry.dataset_entry("sun397"), "test", tmp_path)

@@ -76,3 +76,35 @@ def test_overfits_a_tiny_set_to_exact_match(backbone):
     dec.eval()
     out = dec.generate(tokens, prompts, bos=BOS, eos=EOS, pad=PAD, max_new_tokens=6)
     assert out == answers
+
+
+def test_beam_search_of_one_is_greedy_and_a_full_beam_is_exhaustive(backbone):
+    import itertools
+
+    from silc_bench.litdec.model import beam_search
+
+    vocab, length = 8, 2
+    dec = _decoder(backbone, seed=2, vocab_size=vocab)
+    with torch.no_grad():
+        dec.head.bias[EOS] = 1.0
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    tokens = dec.image_tokens(pixels)
+    prompts = [[5, 6], [7], [3, 4, 2]]
+    greedy = dec.generate(tokens, prompts, bos=BOS, eos=EOS, pad=PAD, max_new_tokens=length)
+    assert beam_search(dec, tokens, prompts, bos=BOS, eos=EOS, max_new_tokens=length, beams=1) == greedy
+
+    @torch.no_grad()
+    def logprob(i, seq, ended):
+        full = [BOS] + prompts[i] + seq + ([EOS] if ended else [])
+        ids = torch.tensor([full])
+        lp = dec.logits(tokens[i:i + 1], ids, torch.ones_like(ids, dtype=torch.bool))[0].log_softmax(-1)
+        return sum(float(lp[j - 1, full[j]]) for j in range(1 + len(prompts[i]), len(full)))
+
+    words = [t for t in range(vocab) if t != EOS]
+    for i in range(3):  # every answer: shorter than `length` and ended by EOS, or `length` long
+        answers = [(list(s), True) for n in range(length) for s in itertools.product(words, repeat=n)]
+        answers += [(list(s), False) for s in itertools.product(words, repeat=length)]
+        best = max(answers, key=lambda a: logprob(i, *a))[0]
+        got = beam_search(dec, tokens[i:i + 1], [prompts[i]], bos=BOS, eos=EOS, max_new_tokens=length,
+                          beams=vocab ** length)[0]
+        assert got == best

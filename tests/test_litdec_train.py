@@ -78,6 +78,12 @@ def test_export_records_its_recipe_and_runs_every_toy_task(trained, tmp_path):
     for r in records.values():
         assert 0 <= r["metrics"]["score"] <= 100 and r["metrics"]["num_examples"] == 6
         assert r["details"]["decoding"]["kv_cache"] is True
+    beam = subprocess.run(cmd[:-2] + ["--protocol", "decoding=beam", "--protocol", "beams=3", "--datasets",
+                                      "toyworld_vqa", "--out", str(tmp_path / "beam")], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert beam.returncode == 0, beam.stderr[-3000:]
+    (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "beam").rglob("*.json") if "shards" not in p.parts]
+    assert rec["details"]["decoding"] == {"method": "beam", "beams": 3, "length_penalty": 0.0, "max_new_tokens": 24}
 
 
 def test_collate_targets_only_the_answer():

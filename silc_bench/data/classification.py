@@ -120,6 +120,47 @@ class CifarDataset(torch.utils.data.Dataset):
         return {"image": self.pixels[index], "label": self.labels[index], "index": index}
 
 
+def sun397_name(path: str) -> str:
+    """"/b/bakery/shop" -> "bakery shop": the letter folder dropped, parts and underscores spaced."""
+    parts = [p for p in path.strip().split("/") if p][1:]
+    return " ".join(parts).replace("_", " ")
+
+
+class Sun397Dataset(torch.utils.data.Dataset):
+    """SUN397 as released: `<root>/<letter>/<class>[/<sub>]/*.jpg`, the 397 classes in
+    `ClassName.txt` ("/a/abbey", ...) and the standard splits as lists of image paths
+    (`Partitions/Training_01.txt`, `Testing_01.txt`: 50 + 50 images per class)."""
+
+    def __init__(self, name: str, root: Path, split_file: Path, class_file: Path, limit: int | None = None,
+                 prepare: str = ""):
+        self.name, self.root = name, root
+        self._fix = f"re-extract the dataset{f' ({prepare})' if prepare else ''}"
+        try:
+            classes = [ln.strip() for ln in class_file.read_text().splitlines() if ln.strip()]
+            listed = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
+        except OSError as e:
+            raise UserError(f"dataset {name!r}: cannot read its class or split list ({e})", path=root, fix=self._fix)
+        index = {c: k for k, c in enumerate(classes)}
+        self.classnames = [[sun397_name(c)] for c in classes]
+        self.samples = []
+        for rel in listed:
+            folder = rel.rsplit("/", 1)[0]
+            if folder not in index:
+                raise UserError(f"dataset {name!r}: {rel} is in no class of {class_file.name}", path=split_file,
+                                fix=self._fix)
+            self.samples.append((root / rel.lstrip("/"), index[folder]))
+        if limit is not None:
+            self.samples = self.samples[:limit]
+        self.labels = [k for _, k in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        path, label = self.samples[index]
+        return {"image": decode_rgb(path, self.name, self._fix), "label": label, "index": index}
+
+
 def open_split(entry: dict, split: str, data_root, limit: int | None = None):
     """Split `split` ("test" or "train") of a classification entry of configs/datasets.yaml."""
     from silc_bench.data.segmentation import CLASSNAMES_DIR, load_classnames
@@ -144,5 +185,8 @@ def open_split(entry: dict, split: str, data_root, limit: int | None = None):
         return ImageFolderDataset(name, root / folders[split], names, limit, entry.get("prepare", ""))
     if layout == "cifar_python":
         return CifarDataset(name, root, folders[split], limit=limit)
+    if layout == "sun397":
+        return Sun397Dataset(name, root, root / folders[split], root / entry["class_list"], limit,
+                             entry.get("prepare", ""))
     raise UserError(f"dataset {name!r} has layout {layout!r}, not a classification layout", path=_WHERE,
-                    fix="use imagefolder or cifar_python")
+                    fix="use imagefolder, cifar_python or sun397")

@@ -5,8 +5,8 @@
 - captioning (COCO Karpathy test): CIDEr-D with pycocoevalcap (Java needed, checked first);
 - VQAv2: the official accuracy (ten answers, leave-one-out, its answer normalisation);
 - GQA: exact match (testdev balanced), as GQA's evaluator scores.
-Prompts are the decoder's own (recorded with it). Decoding is batched and greedy, with a KV cache;
-`max_new_tokens` is in the protocol. Shard results are the generated strings per example.
+Prompts are the decoder's own (recorded with it). Decoding is batched and greedy with a KV cache,
+or beam search (`--protocol decoding=beam --protocol beams=4`); `max_new_tokens` is in the protocol. Shard results are the generated strings per example.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from silc_bench.data.loading import iterate
 from silc_bench.data.transforms import ImageTransform
 from silc_bench.errors import UserError
 from silc_bench.harness.base import EXAMPLES, INDEX, Harness, open_first
+from silc_bench.litdec.model import beam_search
 from silc_bench.litdec.text import prompt_text
 from silc_bench.metrics import text_answers
 
@@ -63,6 +64,17 @@ def open_lit_dataset(name: str, data_root, limit=None):
     return ds
 
 
+def decoding(protocol: dict) -> dict:
+    """The decoding the protocol asks for, checked: greedy (batched, KV cache) or beam search."""
+    method = protocol.get("decoding", "greedy")
+    if method == "greedy":
+        return {"method": "greedy", "kv_cache": True, "max_new_tokens": protocol["max_new_tokens"]}
+    if method == "beam":
+        return {"method": "beam", "beams": int(protocol.get("beams", 4)),
+                "length_penalty": float(protocol.get("length_penalty", 0.0)), "max_new_tokens": protocol["max_new_tokens"]}
+    raise UserError(f"unknown lit-decoder decoding {method!r}", fix="use --protocol decoding=greedy or decoding=beam")
+
+
 class LitDecoderEval(Harness):
     model_loader = "litdec"
 
@@ -75,7 +87,7 @@ class LitDecoderEval(Harness):
             text_answers.java_or_error()  # fail before decoding, not after
         details = {"kind": dataset.lit_kind, "prompt": model.prompts.get(dataset.lit_kind),
                    "image_transform": ImageTransform(model.backbone.preprocess).describe(),
-                   "decoding": {"method": "greedy", "kv_cache": True, "max_new_tokens": protocol["max_new_tokens"]},
+                   "decoding": decoding(protocol),
                    "scorer": {"classification": "exact match with the class's first name (lower-cased)",
                               "captioning": "CIDEr-D, pycocoevalcap PTB tokenizer + Cider (x100)",
                               "vqa": ("VQAv2 official accuracy" if dataset.spec.get("layout") == "vqav2"
@@ -91,8 +103,14 @@ class LitDecoderEval(Harness):
             pixels = torch.stack([b["image"] for b in batch]).to(device)
             tokens = dec.image_tokens(pixels)
             prompts = [codec.encode(prompt_text(model.prompts, prepared.kind, b["question"])) for b in batch]
-            out = dec.generate(tokens, prompts, bos=codec.bos, eos=codec.eos, pad=codec.pad,
-                               max_new_tokens=int(prepared.protocol["max_new_tokens"]))
+            p = prepared.protocol
+            if p.get("decoding", "greedy") == "beam":
+                out = beam_search(dec, tokens, prompts, bos=codec.bos, eos=codec.eos,
+                                  max_new_tokens=int(p["max_new_tokens"]), beams=int(p.get("beams", 4)),
+                                  length_penalty=float(p.get("length_penalty", 0.0)))
+            else:
+                out = dec.generate(tokens, prompts, bos=codec.bos, eos=codec.eos, pad=codec.pad,
+                                   max_new_tokens=int(p["max_new_tokens"]))
             texts.extend(codec.decode(o) for o in out)
             order.extend(b["index"] for b in batch)
             if progress is not None:

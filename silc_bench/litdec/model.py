@@ -172,3 +172,40 @@ class LitDecoder(nn.Module):
             if use_cache:
                 step_ids = nxt[:, None]
         return out
+
+
+@torch.no_grad()
+def beam_search(decoder: LitDecoder, image_tokens: torch.Tensor, prompts: list[list[int]], *, bos: int, eos: int,
+                max_new_tokens: int, beams: int = 4, length_penalty: float = 0.0) -> list[list[int]]:
+    """Beam search, one example at a time (its beams are one batch): at each step every live beam
+    is extended by its `beams` best tokens and the best `beams` candidates are kept; a candidate
+    ending in EOS is finished. Stops when `beams` are finished or the length is spent. The answer
+    is the best finished beam (else the best live one) by log-probability / length^length_penalty
+    (0: plain log-probability). `beams=1` is greedy decoding."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        head = [bos] + list(prompt)
+        budget = min(max_new_tokens, decoder.config.max_len - len(head))
+        live, done = [([], 0.0)], []
+        for _ in range(budget):
+            ids = torch.tensor([head + s for s, _ in live], device=image_tokens.device)
+            mem = image_tokens[i:i + 1].expand(len(live), -1, -1)
+            logp = decoder.logits(mem, ids, torch.ones_like(ids, dtype=torch.bool))[:, -1].float().log_softmax(-1)
+            top = logp.topk(min(beams, logp.shape[-1]), dim=-1)
+            cand = [(live[j][0] + [int(t)], live[j][1] + float(v))
+                    for j in range(len(live)) for v, t in zip(top.values[j], top.indices[j])]
+            cand.sort(key=lambda c: -c[1])
+            live = []
+            for seq, score in cand:
+                if seq[-1] == eos:
+                    done.append((seq[:-1], score))
+                elif len(live) < beams:
+                    live.append((seq, score))
+                if len(live) == beams and len(done) >= beams:
+                    break
+            if len(done) >= beams or not live:
+                break
+        pool = done or live
+        best = max(pool, key=lambda c: c[1] / (max(len(c[0]), 1) ** length_penalty))
+        out.append(best[0])
+    return out
