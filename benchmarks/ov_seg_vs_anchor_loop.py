@@ -7,7 +7,7 @@ plus the whole image at 384, the five views in one forward per image, logits bil
 sigmoid, `nn.Fold` / count, `(windows + global) / 2`, bilinear to the label size, argmax, and a
 numpy confusion matrix. The model is a CAT-Seg head (CVPR configuration) on an open_clip ViT
 (random weights: the cost does not depend on them). The harness runs its own `evaluate` with the
-CLI's defaults (batch 16, 2 workers) and with 0 workers. Class text embeddings are computed
+CLI's defaults (batch 16, `default_workers()`: 0 on 2 cores) and with 0 workers. Class text embeddings are computed
 before any timing. Both must give the same confusion matrix, checked here.
 
     python benchmarks/ov_seg_vs_anchor_loop.py [--arch ViT-B-16] [--images 2]
@@ -32,6 +32,7 @@ from torch import nn
 from silc_bench.catseg.model import CatSeg
 from silc_bench.checkpoints import load_model
 from silc_bench.data.fixtures import write_segmentation_fixture
+from silc_bench.data.loading import default_workers
 
 
 @torch.inference_mode()
@@ -117,7 +118,8 @@ def main():
     model = CatSeg(load_model(f"open_clip:{args.arch}:random-init")).eval()
     h = get_harness(registry.task_spec("ov-seg"))
     dataset = h.open_dataset("ade150", tmp / "data")
-    t_harness, metrics, prepared, _ = harness(model, h, dataset, workers=2)
+    workers = default_workers()
+    t_harness, metrics, prepared, _ = harness(model, h, dataset, workers=workers)
     t_harness0, _, _, _ = harness(model, h, dataset, workers=0)
     t_profiled, _, _, profiler = harness(model, h, dataset, workers=0, profile=True)
     t_anchor, conf = anchor_loop(model, dataset, prepared.classes)
@@ -130,7 +132,7 @@ def main():
     print(f"CAT-Seg on {args.arch}, {args.images} images of {args.size[0]}x{args.size[1]}, {views} views of 384, "
           f"{len(dataset.classnames)} classes, {torch.get_num_threads()} threads")
     print(f"anchor loop (one image per forward): {t_anchor:7.2f} s   mIoU {miou:.6f}")
-    print(f"harness (CLI defaults, 2 workers):   {t_harness:7.2f} s   mIoU {metrics['mIoU']:.6f}")
+    print(f"harness (CLI defaults, {workers} workers):   {t_harness:7.2f} s   mIoU {metrics['mIoU']:.6f}")
     print(f"harness (0 workers):                 {t_harness0:7.2f} s")
     print(f"bare forward (batch 16):             {t_bare:7.2f} s")
     print(f"where the harness's time goes (workers=0 profile, {t_profiled:.2f} s):")

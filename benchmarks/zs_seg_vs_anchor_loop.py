@@ -6,7 +6,7 @@ slide-window placement and pad-and-add accumulation, logits bilinear to each cro
 average, bilinear to the label, argmax, and a numpy confusion matrix. The model is an open_clip
 ViT (random weights: the cost does not depend on them), its MaskCLIP dense path through
 `model.dense_features`. The harness runs its own `evaluate` with the CLI's defaults (the task's
-default batch size for the device, 2 workers) and with 0 workers. Class text embeddings are computed before any timing (one template: the
+default batch size for the device; `default_workers()`: 0 on 2 cores) and with 0 workers. Class text embeddings are computed before any timing (one template: the
 benchmark times images). Both must give the same confusion matrix, checked here.
 
     python benchmarks/zs_seg_vs_anchor_loop.py [--arch ViT-B-16] [--images 4] [--size 512 683]
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from silc_bench.checkpoints import load_model
 from silc_bench.data.fixtures import write_segmentation_fixture
+from silc_bench.data.loading import default_workers
 
 PROTOCOL = {"templates": "a_photo_of"}
 
@@ -118,6 +120,8 @@ def main():
     ap.add_argument("--arch", default="ViT-B-16")
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--size", type=int, nargs=2, default=(512, 683))
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed rounds (anchor, harness, bare forward interleaved); medians are reported")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="silc_anchor_"))
     write_segmentation_fixture("ade150", tmp / "data", num_images=args.images, size=tuple(args.size), seed=0)
@@ -129,20 +133,27 @@ def main():
     classnames = open_dataset("ade150", tmp / "data").classnames
     with torch.inference_mode():  # warm-up, untimed: the first forward allocates
         model.dense_features(torch.randn(1, 3, 448, 448))
-    t_anchor, conf = anchor_loop(model, tmp / "data", classnames)
-    t_harness, metrics, batch, _ = harness(model, tmp / "data", workers=2)
-    t_harness0, _, _, _ = harness(model, tmp / "data", workers=0)
-    t_profiled, _, _, profiler = harness(model, tmp / "data", workers=0, profile=True)
+    workers = default_workers()
     crops = sum(2 for _ in range(args.images))  # 512x683 -> 448x598: two 448 windows per image
-    t_bare = bare_forward(model, crops, batch=batch)
-    t_bare16 = bare_forward(model, crops, batch=16)
+    rounds = {"anchor": [], "harness": [], "harness0": [], "bare": [], "bare16": []}
+    for _ in range(args.repeats):  # interleaved, so that load from other processes hits every contender alike
+        t, conf = anchor_loop(model, tmp / "data", classnames)
+        rounds["anchor"].append(t)
+        t, metrics, batch, _ = harness(model, tmp / "data", workers=workers)
+        rounds["harness"].append(t)
+        rounds["harness0"].append(harness(model, tmp / "data", workers=0)[0])
+        rounds["bare"].append(bare_forward(model, crops, batch=batch))
+        rounds["bare16"].append(bare_forward(model, crops, batch=16))
+    t_anchor, t_harness, t_harness0, t_bare, t_bare16 = (statistics.median(rounds[k]) for k in
+                                                         ("anchor", "harness", "harness0", "bare", "bare16"))
+    t_profiled, _, _, profiler = harness(model, tmp / "data", workers=0, profile=True)
     inter, union = np.diag(conf), conf.sum(0) + conf.sum(1) - np.diag(conf)
     with np.errstate(invalid="ignore", divide="ignore"):
         miou = 100 * np.nanmean(np.where(union > 0, inter / union, np.nan))
     print(f"{args.arch}, {args.images} images of {args.size[0]}x{args.size[1]}, {crops} crops of 448, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved rounds")
     print(f"anchor loop (one crop per forward): {t_anchor:7.2f} s   mIoU {miou:.6f}")
-    print(f"harness (CLI defaults: batch {batch}, 2 workers): {t_harness:7.2f} s   mIoU {metrics['mIoU']:.6f}")
+    print(f"harness (CLI defaults: batch {batch}, {workers} workers): {t_harness:7.2f} s   mIoU {metrics['mIoU']:.6f}")
     print(f"harness (0 workers):                {t_harness0:7.2f} s")
     print(f"bare forward (batch {batch}):  {t_bare:7.2f} s   (batch 16: {t_bare16:.2f} s)")
     print(f"where the harness's time goes (workers=0 profile, {t_profiled:.2f} s):")

@@ -49,7 +49,9 @@ def _add_run(sub):
     p.add_argument("--batch-size", type=int,
                    help="images or crops per forward (does not change the numbers; default: the task's choice for "
                         "the device, 16 on a GPU; zs-seg on a CPU: as many crops as fit 1024 tokens)")
-    p.add_argument("--workers", type=int, default=2, help="data-loader worker processes (0: decode in the main process)")
+    p.add_argument("--workers", type=int,
+                   help="data-loader worker processes (0: decode in the main process; default: the cores beyond "
+                        "two, at most 4, so 0 on a 2-core machine)")
     p.add_argument("--limit", type=int, help="first N images only (records are marked limited)")
     p.add_argument("--dense-mode", help="override the model's default dense path (e.g. map_value_no_mlp)")
     p.add_argument("--protocol", action="append", default=[], metavar="KEY=VALUE",
@@ -91,6 +93,10 @@ def cmd_run(args) -> int:
         raise UserError(f"--limit must be at least 1, got {args.limit}", fix="pass a positive number of images")
     if args.batch_size is not None:
         _positive("--batch-size", args.batch_size, 1)
+    if args.workers is None:
+        from silc_bench.data.loading import default_workers
+
+        args.workers = default_workers()
     _positive("--workers", args.workers, 0)
     _positive("--shard-size", args.shard_size, 1)
     task = registry.task_spec(args.task)

@@ -85,7 +85,7 @@ def test_run_help_shows_defaults(capsys):
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: results/runs)" in out and "current directory" in out
-    assert "(default: 32)" in out and "(default: 2)" in out
+    assert "(default: 32)" in out and "default: the cores beyond two, at most 4" in out  # --shard-size, --workers
     assert "default: the task's choice for the device, 16 on a GPU" in out  # --batch-size
 
 
@@ -121,3 +121,13 @@ def test_toyworld_generation_says_where(tmp_path, monkeypatch, capsys):
     assert written == [tmp_path / "droot" / "toyworld"]
     assert str(tmp_path / "droot" / "toyworld") in err and "--data-root" in err and "SILC_BENCH_DATA" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("cores,workers", [(1, 0), (2, 0), (3, 1), (6, 4), (64, 4)])
+def test_default_workers_leave_two_cores_to_the_forward(monkeypatch, cores, workers):
+    import os
+
+    from silc_bench.data import loading
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert loading.default_workers() == workers
