@@ -150,3 +150,16 @@ def test_untrained_heads_are_labelled_and_plain_models_refused(tmp_path):
     assert det.provenance["heads"] == "untrained" and det.global_token_kind is None
     with pytest.raises(UserError, match="no detection heads"):
         load_owl("toy-clip")
+
+
+def test_released_owlv2_runs_through_the_ov_det_runner(owl_dir, tmp_path):
+    from silc_bench import runner
+    from silc_bench.data.fixtures_detection import write_coco_detection
+
+    write_coco_detection(tmp_path / "data", num_images=3)
+    opts = runner.RunOptions(data_root=str(tmp_path / "data"), out_dir=tmp_path / "runs", progress=False,
+                             protocol_overrides={"input_size": 64, "templates": "a_photo_of", "top_k": 20})
+    (record,) = runner.run("ov-det", [f"hf:{owl_dir}"], ["coco"], opts)
+    assert record["model"]["heads"] == "released (hf Owlv2ForObjectDetection)"
+    assert record["model"]["global_token"] == "cls" and record["model"]["backbone"]["model_type"] == "owlv2"
+    assert record["metrics"]["num_detections"] == 3 * 20 and 0 <= record["metrics"]["AP"] <= 100
