@@ -91,8 +91,8 @@ class ColourCatSeg(torch.nn.Module):
 
 
 class ColourOwl(torch.nn.Module):
-    """An OWL detector's API for ov-det (`model(pixels)` -> features / boxes, `class_head`,
-    `text_queries`, `backbone`) that knows the right answer on detection fixtures: "patch" k is
+    """An OWL detector's API for ov-det (`model(pixels, query_sets=...)` -> features / boxes /
+    template-averaged logits, `text_queries`, `backbone`) that knows the right answer on detection fixtures: "patch" k is
     class k's rectangle (the box of the pixels of exactly `class_colour(k)`), with logit +10 for
     class k's queries and -10 for every other query; absent classes get an empty box and -10."""
 
@@ -108,10 +108,7 @@ class ColourOwl(torch.nn.Module):
     def text_queries(self, texts):
         return self.backbone.encode_text(self.backbone.tokenize(texts))
 
-    def class_head(self, feats, queries):
-        return 20.0 * feats @ queries.T - 10.0, feats
-
-    def forward(self, pixels):
+    def forward(self, pixels, *, query_sets, objectness=True):
         b, _, s, _ = pixels.shape
         k = len(self.colours)
         rgb = pixels.permute(0, 2, 3, 1) * 255.0
@@ -125,7 +122,9 @@ class ColourOwl(torch.nn.Module):
                     x1, y1, x2, y2 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
                     boxes[i, c] = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]).float() / s
                     feats[i, 0, c, c] = 1.0
-        return {"features": feats, "boxes": boxes}
+        flat = feats.reshape(b, k, k + 1)
+        logits = torch.stack([20.0 * flat @ q.T - 10.0 for q in query_sets]).mean(0)
+        return {"features": feats, "boxes": boxes, "logits": logits, "objectness": None}
 
 
 class _WordCodec:

@@ -78,9 +78,9 @@ def siglip_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("clip")
+def write_clip_tokenizer(directory) -> dict:
+    """A CLIP BPE tokenizer (letters, a few merges, CLIP's special tokens) saved into `directory`;
+    -> its vocabulary."""
     vocab = {}
     for suffix in ("", "</w>"):
         for c in "abcdefghijklmnopqrstuvwxyz":
@@ -90,7 +90,14 @@ def clip_dir(tmp_path_factory):
         vocab[a + b] = len(vocab)
     for s in ("<|startoftext|>", "<|endoftext|>"):
         vocab[s] = len(vocab)
-    CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(d)
+    CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(directory)
+    return vocab
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clip")
+    vocab = write_clip_tokenizer(d)
     torch.manual_seed(0)
     sot, eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,

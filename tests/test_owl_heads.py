@@ -3,37 +3,21 @@ random-weight save_pretrained model loaded through our `hf:` path (silc_bench/ch
 import pytest
 import torch
 from torchvision.ops import box_convert
-from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection
+from transformers import Owlv2Config, Owlv2ForObjectDetection
 
 from silc_bench.checkpoints.owl import load_owl
 from silc_bench.detection import owl
 from silc_bench.errors import UserError
+from test_hf_models import _perturb, write_clip_tokenizer
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 QUERIES = ["a photo of a cat", "the dog", "a photo of the cat"]
 
 
-def _perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def owl_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("owlv2")
-    vocab = {}
-    for suffix in ("", "</w>"):
-        for c in "abcdefghijklmnopqrstuvwxyz":
-            vocab[c + suffix] = len(vocab)
-    merges = [("p", "h"), ("ph", "o"), ("t", "o</w>"), ("c", "a"), ("ca", "t</w>"), ("t", "h"), ("th", "e</w>")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    for s in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[s] = len(vocab)
-    CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(d)
+    vocab = write_clip_tokenizer(d)
     sot, eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     torch.manual_seed(0)
     cfg = Owlv2Config(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,

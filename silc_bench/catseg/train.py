@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from silc_bench.catseg.model import CatSeg, CatSegConfig
-from silc_bench.checkpoints.catseg import META_FILE, portable_spec, save_catseg
+from silc_bench.checkpoints.catseg import META_FILE, save_catseg
 from silc_bench.errors import UserError
 from silc_bench.recipes import merge_settings, read_recipe, run_main
 from silc_bench.training import runtime as rt
@@ -229,22 +229,7 @@ class Trainer:
     def __init__(self, cfg: dict, model_spec: str, out_dir, *, data_root=None, checkpoint_dir=None,
                  backbone=None, dataset=None, classnames=None):
         """`backbone`/`dataset`+`classnames` may be given directly (tests); else built from spec/config."""
-        self.cfg, self.out = cfg, Path(out_dir)
-        self.rank, self.world = rt.rank_world()
-        self.folder = rt.RunFolder(self.out, self.rank)
-        tr = cfg["train"]
-        self.device = rt.choose_device(tr["device"])
-        rt.set_threads(tr["threads"])
-        self.amp_dtype = rt.autocast_dtype(tr["precision"], self.device, path=cfg.get("_config_path"))
-        self.batch, self.total_steps, self.seed = int(tr["batch_size"]), int(tr["steps"]), int(tr["seed"])
-        self.local_batch = rt.local_batch_size(self.batch, self.world)
-
-        if backbone is None:
-            from silc_bench.checkpoints import load_model
-
-            backbone = load_model(model_spec, checkpoint_dir=checkpoint_dir, device=self.device)
-        self.spec = portable_spec(model_spec)
-        self.backbone_sha = backbone.provenance.get("sha256")
+        backbone = rt.start_head_trainer(self, cfg, model_spec, out_dir, checkpoint_dir=checkpoint_dir, backbone=backbone)
         torch.manual_seed(self.seed)  # head init
         self.model = CatSeg(backbone.to(self.device), cfg["model"])
         self.crop = self.model.config.crop_size

@@ -122,6 +122,14 @@ MODEL_LOADERS = {
 }
 
 
+def load_head_weights(module, state: dict) -> tuple[list[str], list[str]]:
+    """Load a trained head's `state` into `module`, whose `backbone.` weights come from their own
+    checkpoint (a state may also carry fine-tuned backbone weights); -> (missing head weights,
+    unexpected keys), both empty when the files fit."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    return [k for k in missing if not k.startswith("backbone.")], list(unexpected)
+
+
 def get_loader(name: str):
     """The loader registered as `name` in MODEL_LOADERS."""
     import importlib

@@ -51,7 +51,7 @@ class LoadedLitDecoder(torch.nn.Module):
 def load_litdec(spec: str, *, checkpoint_dir=None, tokenizer=None, device="cpu", **_) -> LoadedLitDecoder:
     from safetensors.torch import load_file
 
-    from silc_bench.checkpoints import load_model
+    from silc_bench.checkpoints import load_head_weights, load_model
     from silc_bench.litdec.model import DecoderConfig, LitDecoder
     from silc_bench.litdec.text import TextCodec
     from silc_bench.litdec.train import tokenizer_path
@@ -74,8 +74,7 @@ def load_litdec(spec: str, *, checkpoint_dir=None, tokenizer=None, device="cpu",
     backbone = load_model(backbone_spec, checkpoint_dir=checkpoint_dir, device=device)
     decoder = LitDecoder(backbone, DecoderConfig.from_dict(dec), image_width=meta["image_width"])
     state = load_file(str(directory / WEIGHTS_FILE))
-    missing, unexpected = decoder.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("backbone.")]
+    missing, unexpected = load_head_weights(decoder, state)
     if missing or unexpected:
         raise UserError(f"{directory / WEIGHTS_FILE} does not fit {META_FILE}: missing {missing[:4]}, unexpected "
                         f"{unexpected[:4]}", path=directory / WEIGHTS_FILE, fix="use the files written together")

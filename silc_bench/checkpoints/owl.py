@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 
-from silc_bench.checkpoints import load_model
+from silc_bench.checkpoints import load_head_weights, load_model
 from silc_bench.detection.owl import OwlDetector
 from silc_bench.errors import UserError
 from silc_bench.hashing import sha256_file
@@ -29,8 +29,7 @@ def from_hf_owlv2(backbone) -> OwlDetector:
     det = OwlDetector(backbone, width=state["layer_norm.weight"].shape[0],
                       embed_dim=state["class_head.dense0.weight"].shape[0], merge="mul-ln",
                       layer_norm_eps=heads["layer_norm_eps"], objectness="objectness_head.dense0.weight" in state)
-    missing, unexpected = det.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("backbone.")]
+    missing, unexpected = load_head_weights(det, state)
     if missing or unexpected:
         raise RuntimeError(f"OWLv2 head weights do not fit: missing {missing}, unexpected {unexpected}")
     det.provenance = {"heads": "released (hf Owlv2ForObjectDetection)"}
@@ -85,8 +84,7 @@ def load_owl(spec: str, *, checkpoint_dir=None, tokenizer=None, device="cpu", **
         det = OwlDetector(backbone, width=meta["width"], embed_dim=meta["embed_dim"], merge=meta["merge"],
                           layer_norm_eps=meta.get("layer_norm_eps") or 1e-6, objectness=meta["objectness_head"])
         state = load_file(str(directory / HEADS_FILE))
-        missing, unexpected = det.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("backbone.")]
+        missing, unexpected = load_head_weights(det, state)
         if missing or unexpected:
             raise UserError(f"{directory / HEADS_FILE} does not fit {DETECTOR_FILE}: missing {missing[:4]}, "
                             f"unexpected {unexpected[:4]}", path=directory / HEADS_FILE,

@@ -38,7 +38,25 @@ def decode_rgb(path: Path, dataset: str, fix: str) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
+class _LabelledFiles(torch.utils.data.Dataset):
+    """Image files with a class label each (`samples`: (path, label)); items decoded on access."""
+
+    name: str
+    _fix: str
+
+    def _keep(self, samples: list[tuple[Path, int]], limit: int | None) -> None:
+        self.samples = samples if limit is None else samples[:limit]
+        self.labels = [k for _, k in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        path, label = self.samples[index]
+        return {"image": decode_rgb(path, self.name, self._fix), "label": label, "index": index}
+
+
+class ImageFolderDataset(_LabelledFiles):
     def __init__(self, name: str, folder: Path, classnames: list[list[str]], limit: int | None = None,
                  prepare: str = ""):
         self.name, self.root, self.classnames = name, folder, classnames
@@ -50,20 +68,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise UserError(f"dataset {name!r}: {len(classes)} class folders, {len(classnames)} class names",
                             path=folder, fix=f"one folder per class ({len(classnames)}), as the release has")
         self.folders = classes
-        self.samples = [(f, k) for k, c in enumerate(classes)
-                        for f in sorted((folder / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-        if not self.samples:
+        samples = [(f, k) for k, c in enumerate(classes)
+                   for f in sorted((folder / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not samples:
             raise UserError(f"dataset {name!r}: no images under the class folders", path=folder, fix=self._fix)
-        if limit is not None:
-            self.samples = self.samples[:limit]
-        self.labels = [k for _, k in self.samples]
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        path, label = self.samples[index]
-        return {"image": decode_rgb(path, self.name, self._fix), "label": label, "index": index}
+        self._keep(samples, limit)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -126,39 +135,32 @@ def sun397_name(path: str) -> str:
     return " ".join(parts).replace("_", " ")
 
 
-class Sun397Dataset(torch.utils.data.Dataset):
+class Sun397Dataset(_LabelledFiles):
     """SUN397 as released: `<root>/<letter>/<class>[/<sub>]/*.jpg`, the 397 classes in
     `ClassName.txt` ("/a/abbey", ...) and the standard splits as lists of image paths
     (`Partitions/Training_01.txt`, `Testing_01.txt`: 50 + 50 images per class)."""
+
+    def _lines(self, path: Path) -> list[str]:
+        try:
+            return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        except OSError as e:
+            raise UserError(f"dataset {self.name!r}: cannot read {path.name} ({e})", path=path, fix=self._fix)
 
     def __init__(self, name: str, root: Path, split_file: Path, class_file: Path, limit: int | None = None,
                  prepare: str = ""):
         self.name, self.root = name, root
         self._fix = f"re-extract the dataset{f' ({prepare})' if prepare else ''}"
-        try:
-            classes = [ln.strip() for ln in class_file.read_text().splitlines() if ln.strip()]
-            listed = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
-        except OSError as e:
-            raise UserError(f"dataset {name!r}: cannot read its class or split list ({e})", path=root, fix=self._fix)
+        classes, listed = (self._lines(f) for f in (class_file, split_file))
         index = {c: k for k, c in enumerate(classes)}
         self.classnames = [[sun397_name(c)] for c in classes]
-        self.samples = []
+        samples = []
         for rel in listed:
             folder = rel.rsplit("/", 1)[0]
             if folder not in index:
                 raise UserError(f"dataset {name!r}: {rel} is in no class of {class_file.name}", path=split_file,
                                 fix=self._fix)
-            self.samples.append((root / rel.lstrip("/"), index[folder]))
-        if limit is not None:
-            self.samples = self.samples[:limit]
-        self.labels = [k for _, k in self.samples]
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        path, label = self.samples[index]
-        return {"image": decode_rgb(path, self.name, self._fix), "label": label, "index": index}
+            samples.append((root / rel.lstrip("/"), index[folder]))
+        self._keep(samples, limit)
 
 
 def open_split(entry: dict, split: str, data_root, limit: int | None = None):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from silc_bench.models.base import VisionLanguageModel
+from silc_bench.models.base import VisionLanguageModel, image_token_width
 
 # How the image's global token enters the patch tokens (scenic `merge_class_token`):
 # "mul-ln": tokens * global token, then a new LayerNorm (OWLv2 B/16); "drop-ln": patch tokens only,
@@ -70,20 +70,39 @@ class ClassHead(nn.Module):
         """Un-normalised class embeddings (what image-exemplar queries are made of)."""
         return self.dense0(feats)
 
+    def _patch_terms(self, feats: torch.Tensor):
+        """What the logits of every query set share: raw and normalised class embeddings, shift, scale."""
+        raw = self.class_embeddings(feats)
+        emb = raw / (torch.linalg.vector_norm(raw, dim=-1, keepdim=True) + 1e-6)
+        return raw, emb, self.logit_shift(feats), F.elu(self.logit_scale(feats)) + 1
+
+    @staticmethod
+    def _logits(emb, shift, scale, queries: torch.Tensor) -> torch.Tensor:
+        q = queries / (torch.linalg.vector_norm(queries, dim=-1, keepdim=True) + 1e-6)
+        q = q.to(emb.dtype)
+        return (emb @ (q.transpose(-1, -2) if q.ndim == 3 else q.T) + shift) * scale
+
     def forward(self, feats: torch.Tensor, queries: torch.Tensor, query_mask: torch.Tensor | None = None):
         """feats [B, P, W]; queries [Q, D] or [B, Q, D] (un-normalised); query_mask [Q] or [B, Q]
         (False: padding, its logit is the dtype's minimum) -> (logits [B, P, Q], class embeddings)."""
-        raw = self.class_embeddings(feats)
-        emb = raw / (torch.linalg.vector_norm(raw, dim=-1, keepdim=True) + 1e-6)
-        q = queries / (torch.linalg.vector_norm(queries, dim=-1, keepdim=True) + 1e-6)
-        q = q.to(emb.dtype)
-        logits = emb @ (q.transpose(-1, -2) if q.ndim == 3 else q.T)
-        logits = (logits + self.logit_shift(feats)) * (F.elu(self.logit_scale(feats)) + 1)
+        raw, emb, shift, scale = self._patch_terms(feats)
+        logits = self._logits(emb, shift, scale, queries)
         if query_mask is not None:
             mask = query_mask.to(logits.device).bool()
             mask = mask.unsqueeze(-2) if mask.ndim > 1 else mask
             logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
         return logits, raw
+
+    def ensemble(self, feats: torch.Tensor, query_sets: torch.Tensor):
+        """The evaluator's prompt ensemble: query_sets [T, Q, D] (one set per template) -> (the
+        mean over templates of each set's float logits [B, P, Q], class embeddings). The patch
+        terms are computed once for all T sets."""
+        raw, emb, shift, scale = self._patch_terms(feats)
+        logits = None
+        for q in query_sets:
+            lt = self._logits(emb, shift, scale, q).float()
+            logits = lt if logits is None else logits.add_(lt)
+        return logits.div_(len(query_sets)), raw
 
 
 class OwlDetector(nn.Module):
@@ -137,12 +156,10 @@ class OwlDetector(nn.Module):
     @classmethod
     def for_backbone(cls, backbone: VisionLanguageModel, merge: str = "mul-ln", seed: int = 0, **kw) -> "OwlDetector":
         """Fresh heads sized by one probe forward of the backbone (a one-patch image, one text)."""
-        p = backbone.patch_size
+        dev = next(backbone.parameters()).device
         with torch.inference_mode():
-            dev = next(backbone.parameters()).device
-            tokens, _, _ = backbone.detection_tokens(torch.zeros(1, 3, p, p, device=dev))
             text = backbone.encode_text(backbone.tokenize(["a"]).to(dev))
-        det = cls(backbone, width=tokens.shape[-1], embed_dim=text.shape[-1], merge=merge, **kw).to(dev)
+        det = cls(backbone, width=image_token_width(backbone), embed_dim=text.shape[-1], merge=merge, **kw).to(dev)
         det.init_heads_(seed)
         return det
 
@@ -178,14 +195,19 @@ class OwlDetector(nn.Module):
         return self.objectness_head(feats.detach().reshape(b, h * w, -1))[..., 0]
 
     def forward(self, pixels: torch.Tensor, queries: torch.Tensor | None = None,
-                query_mask: torch.Tensor | None = None) -> dict:
+                query_mask: torch.Tensor | None = None, *, query_sets: torch.Tensor | None = None,
+                objectness: bool = True) -> dict:
         """-> {"features" [B, h, w, W], "boxes" [B, P, 4], "class_embeds" [B, P, D], "objectness"
-        [B, P], and with queries "logits" [B, P, Q]}."""
+        [B, P] (None when not asked for), and with queries "logits" [B, P, Q]}. `query_sets`
+        [T, Q, D] instead of `queries`: logits averaged over the T sets (`ClassHead.ensemble`)."""
         feats = self.image_features(pixels)
         b, h, w, _ = feats.shape
         flat = feats.reshape(b, h * w, -1)
-        out = {"features": feats, "boxes": self.boxes(feats), "objectness": self.objectness(feats)}
-        if queries is None:
+        out = {"features": feats, "boxes": self.boxes(feats),
+               "objectness": self.objectness(feats) if objectness else None}
+        if query_sets is not None:
+            out["logits"], out["class_embeds"] = self.class_head.ensemble(flat, query_sets)
+        elif queries is None:
             out["class_embeds"] = self.class_head.class_embeddings(flat)
         else:
             out["logits"], out["class_embeds"] = self.class_head(flat, queries, query_mask)

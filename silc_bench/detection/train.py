@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from silc_bench.checkpoints.catseg import portable_spec
 from silc_bench.checkpoints.owl import DETECTOR_FILE, save_detector
 from silc_bench.data.detection import DetectionDataset, open_detection
 from silc_bench.data.prompts import get_templates, owl_canonicalize
@@ -159,21 +158,7 @@ class Trainer(rt.ParameterCheckpoints):
     def __init__(self, cfg: dict, model_spec: str, out_dir, *, data_root=None, checkpoint_dir=None,
                  backbone=None, dataset=None):
         """`backbone` / `dataset` may be given directly (tests); else built from spec / config."""
-        self.cfg, self.out = cfg, Path(out_dir)
-        self.rank, self.world = rt.rank_world()
-        self.folder = rt.RunFolder(self.out, self.rank)
-        tr = cfg["train"]
-        self.device = rt.choose_device(tr["device"])
-        rt.set_threads(tr["threads"])
-        self.amp_dtype = rt.autocast_dtype(tr["precision"], self.device, path=cfg.get("_config_path"))
-        self.batch, self.total_steps, self.seed = int(tr["batch_size"]), int(tr["steps"]), int(tr["seed"])
-        self.local_batch = rt.local_batch_size(self.batch, self.world)
-        if backbone is None:
-            from silc_bench.checkpoints import load_model
-
-            backbone = load_model(model_spec, checkpoint_dir=checkpoint_dir, device=self.device)
-        self.spec = portable_spec(model_spec)
-        self.backbone_sha = backbone.provenance.get("sha256")
+        backbone = rt.start_head_trainer(self, cfg, model_spec, out_dir, checkpoint_dir=checkpoint_dir, backbone=backbone)
         m = cfg["model"]
         self.model = OwlDetector.for_backbone(backbone.to(self.device), merge=m["merge"], seed=self.seed,
                                               objectness=bool(m["objectness"]))

@@ -103,14 +103,8 @@ class OpenVocabDetection(Harness):
 
         def flush():
             pixels = torch.stack([b["image"] for b in batch]).to(device, non_blocking=True)
-            out = model(pixels)  # features, boxes, objectness
-            feats = out["features"]
-            flat = feats.reshape(feats.shape[0], -1, feats.shape[-1])
-            logits = None
-            for q in prepared.queries:  # mean of the logits over templates
-                lt = model.class_head(flat, q)[0].float()
-                logits = lt if logits is None else logits.add_(lt)
-            logits /= len(prepared.queries)
+            out = model(pixels, query_sets=prepared.queries, objectness=False)  # logits: mean over templates
+            logits = out["logits"]
             if p.get("class_agnostic"):  # one "object" class: each patch's best class score
                 logits = logits.max(dim=-1, keepdim=True).values
             for i, item in enumerate(batch):

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from silc_bench import paths
-from silc_bench.checkpoints.catseg import portable_spec
 from silc_bench.data.transforms import ImageTransform
 from silc_bench.errors import UserError
 from silc_bench.litdec.data import draw, open_sources
 from silc_bench.litdec.model import DecoderConfig, LitDecoder
 from silc_bench.litdec.text import TextCodec, prompt_text
+from silc_bench.models.base import image_token_width
 from silc_bench.recipes import merge_settings, read_recipe, run_main
 from silc_bench.training import runtime as rt
 from silc_bench.training.runtime import warmup_cosine_lr
@@ -93,31 +93,15 @@ class Trainer(rt.ParameterCheckpoints):
     runtime_keys = _RUNTIME
 
     def __init__(self, cfg: dict, model_spec: str, out_dir, *, data_root=None, checkpoint_dir=None, backbone=None):
-        self.cfg, self.out = cfg, Path(out_dir)
-        self.rank, self.world = rt.rank_world()
-        self.folder = rt.RunFolder(self.out, self.rank)
-        tr = cfg["train"]
-        self.device = rt.choose_device(tr["device"])
-        rt.set_threads(tr["threads"])
-        self.amp_dtype = rt.autocast_dtype(tr["precision"], self.device, path=cfg.get("_config_path"))
-        self.batch, self.total_steps, self.seed = int(tr["batch_size"]), int(tr["steps"]), int(tr["seed"])
-        self.local_batch = rt.local_batch_size(self.batch, self.world)
-        if backbone is None:
-            from silc_bench.checkpoints import load_model
-
-            backbone = load_model(model_spec, checkpoint_dir=checkpoint_dir, device=self.device)
-        self.spec = portable_spec(model_spec)
-        self.backbone_sha = backbone.provenance.get("sha256")
+        backbone = rt.start_head_trainer(self, cfg, model_spec, out_dir, checkpoint_dir=checkpoint_dir, backbone=backbone)
         self.codec = TextCodec(tokenizer_path(cfg["text"]["tokenizer"]), cfg["text"]["lowercase"])
-        p = backbone.patch_size
-        with torch.no_grad():
-            width = backbone.detection_tokens(torch.zeros(1, 3, p, p, device=self.device))[0].shape[-1]
+        width = image_token_width(backbone.to(self.device))
         torch.manual_seed(self.seed)
         dec_cfg = DecoderConfig(**cfg["decoder"], vocab_size=self.codec.vocab_size)
         self.model = LitDecoder(backbone.to(self.device), dec_cfg, image_width=width).to(self.device)
         self.transform = ImageTransform(backbone.preprocess)
         self.sources = open_sources(cfg["data"], data_root)
-        self.cache: dict | None = {} if tr["cache_features"] else None
+        self.cache: dict | None = {} if cfg["train"]["cache_features"] else None
         op = cfg["optim"]
         self.params = [p for n, p in self.model.named_parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=op["lr"], betas=tuple(op["betas"]), weight_decay=op["weight_decay"])

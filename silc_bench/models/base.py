@@ -194,3 +194,12 @@ class VisionLanguageModel(nn.Module, abc.ABC):
             "logit_scale": self.logit_scale,
             "logit_bias": self.logit_bias,
         }
+
+
+def image_token_width(model: VisionLanguageModel) -> int:
+    """The width of `model.detection_tokens` (what heads on the image tokens are sized by), from
+    one forward of a one-patch image."""
+    p = model.patch_size
+    with torch.inference_mode():
+        dev = next(model.parameters()).device
+        return int(model.detection_tokens(torch.zeros(1, 3, p, p, device=dev))[0].shape[-1])

@@ -293,6 +293,30 @@ def run_steps(trainer: Steppable, batches: Iterable, folder: RunFolder, *, log_e
     return records
 
 
+def start_head_trainer(trainer, cfg: dict, model_spec: str, out_dir, *, checkpoint_dir=None, backbone=None):
+    """The set-up every trainer of a head on a backbone shares (cat-seg, owl-det, lit-decoder): run
+    folder, rank, device, threads, precision, batch / steps / seed from `cfg["train"]`, and the
+    backbone (loaded from `model_spec` unless given) with its recorded spec and sha256. -> backbone."""
+    from silc_bench.checkpoints.catseg import portable_spec
+
+    trainer.cfg, trainer.out = cfg, Path(out_dir)
+    trainer.rank, trainer.world = rank_world()
+    trainer.folder = RunFolder(trainer.out, trainer.rank)
+    tr = cfg["train"]
+    trainer.device = choose_device(tr["device"])
+    set_threads(tr["threads"])
+    trainer.amp_dtype = autocast_dtype(tr["precision"], trainer.device, path=cfg.get("_config_path"))
+    trainer.batch, trainer.total_steps, trainer.seed = int(tr["batch_size"]), int(tr["steps"]), int(tr["seed"])
+    trainer.local_batch = local_batch_size(trainer.batch, trainer.world)
+    if backbone is None:
+        from silc_bench.checkpoints import load_model
+
+        backbone = load_model(model_spec, checkpoint_dir=checkpoint_dir, device=trainer.device)
+    trainer.spec = portable_spec(model_spec)
+    trainer.backbone_sha = backbone.provenance.get("sha256")
+    return backbone
+
+
 def head_trainer_parser(prog: str, description: str, config_help: str, out_help: str) -> argparse.ArgumentParser:
     """The command line of every trainer of a head on a backbone (cat-seg, owl-det, lit-decoder)."""
     ap = argparse.ArgumentParser(prog=prog, description=description)
