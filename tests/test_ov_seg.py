@@ -239,6 +239,36 @@ def test_combine_views_per_pixel_prediction_equals_reference():
     assert ov_seg.d2_resize_shape(100, 1000, 640, 2560) == (256, 2560)
 
 
+def test_class_chunks_equal_the_reference_on_every_pixel_at_catseg_sizes(monkeypatch):
+    """At CAT-Seg's own sizes (640 canvas, 384 windows) classes are combined in chunks; every pixel
+    equals CAT-Seg's whole-stack loop for any chunk, 3-class chunks included (folded away)."""
+    full = {"resize_short": 640, "resize_max": 2560, "out_res": 640, "crop": 384, "stride": 256, "global_view": True}
+    dataset = Images([(72, 100)], num_classes=11)
+    model = FakeCatSeg("features")
+    prepared = ov_seg.setup(model, dataset, full, "cpu")
+    s = ov_seg._D2Resized(dataset, [0], full["resize_short"], full["resize_max"])[0]
+    with torch.no_grad():
+        views = ov_seg.make_views(s["image"].float(), full, prepared.boxes, model.backbone.preprocess.normalize)
+        logits = model(views, dataset.classnames)
+        logits[:, 9] = logits[:, 4]  # an exact tie in another chunk: class 4 must keep it
+        expected = catseg_reference(_FixedLogits(logits, model.backbone), dataset, full)[0]
+        assert len(expected.unique()) >= 3 and not (expected == 9).any()
+        for chunk in (1, 3, 4, 64):
+            monkeypatch.setattr(ov_seg, "CLASS_CHUNK", chunk)
+            assert torch.equal(ov_seg.combine_views(logits, prepared.boxes, full, s["label"].shape), expected)
+
+
+class _FixedLogits(nn.Module):
+    """A CatSeg stand-in returning the given logits, so that the reference sees the same values."""
+
+    def __init__(self, logits, backbone):
+        super().__init__()
+        self.logits, self.backbone = logits, backbone
+
+    def forward(self, pixels, class_names):
+        return self.logits
+
+
 # ---------------------------------------------------------------------- bad input
 def test_missing_dataset_names_folders_and_preparation(tmp_path):
     with pytest.raises(UserError) as e:

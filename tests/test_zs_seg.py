@@ -201,3 +201,77 @@ def test_default_batch_size_fits_the_device():
     assert zs_seg.default_batch_size(vit_b16, setup(224), "cpu") == 5    # 197 tokens
     assert zs_seg.default_batch_size(toy, setup(64), "cpu") == 15        # 65 tokens
     assert zs_seg.default_batch_size(vit_b16, setup(448), "cuda:0") == 16
+
+
+def _stitch_reference(crops, height, width, out_size):
+    """The whole-stack slide-inference tail, as before class blocks: one canvas of every class."""
+    num_classes = crops[0][1].shape[0]
+    total, count = torch.zeros(1, num_classes, height, width), torch.zeros(1, 1, height, width)
+    for (y1, x1, y2, x2), logits in crops:
+        total[:, :, y1:y2, x1:x2] += F.interpolate(logits[None], size=(y2 - y1, x2 - x1), mode="bilinear",
+                                                   align_corners=False)
+        count[:, :, y1:y2, x1:x2] += 1
+    return F.interpolate(total / count, size=out_size, mode="bilinear", align_corners=False)[0].argmax(0)
+
+
+@pytest.mark.parametrize("height,width,out_size,crop,stride", [
+    (448, 598, (512, 683), 448, 224),  # ADE-150's usual image: two windows
+    (200, 150, (180, 141), 128, 64),   # six overlapping windows, downsampled to the label
+    (61, 45, (37, 53), 32, 16),        # small resizes: PyTorch's channel-vectorised kernel, whole stack
+])
+def test_stitching_over_class_blocks_equals_the_whole_stack(height, width, out_size, crop, stride):
+    """Every pixel the same for any block of classes, with exact ties (duplicated classes: the first
+    wins, as argmax's) and with NaN logits (argmax's NaN rule)."""
+    gen = torch.Generator().manual_seed(0)
+    num_classes, crops = 23, []
+    for y1, x1, y2, x2 in zs_seg.slide_windows(height, width, crop, stride):
+        logits = torch.randn(num_classes, max(1, (y2 - y1) // 16), max(1, (x2 - x1) // 16), generator=gen)
+        top = logits.amax(0)
+        logits[3] = top + 0.05 * torch.randn(top.shape, generator=gen)  # 3 and 11 win most pixels
+        logits[11] = top + 0.05 * torch.randn(top.shape, generator=gen)
+        logits[[5, 17]] = logits[3].clone()  # classes 3, 5 and 17 tie everywhere: 3 must win
+        crops.append(((y1, x1, y2, x2), logits))
+    blocked = zs_seg._resized_per_class(crops, out_size)
+    assert blocked == (height > 100)  # small resizes are done on the whole stack
+    expected = _stitch_reference(crops, height, width, out_size)
+    assert (expected == 3).any() and (expected == 11).any()
+    if blocked:  # the whole stack resizes each class alone too: the duplicates tie exactly
+        assert not (expected == 5).any() and not (expected == 17).any()
+    for block in (1, 2, 3, 7, 22, 23, None):
+        got = zs_seg.stitch_and_argmax(crops, height, width, out_size, block)
+        assert torch.equal(got, expected), f"block {block}: {(got != expected).sum().item()} pixels differ"
+    crops[0][1][7, 0, 0] = float("nan")
+    expected = _stitch_reference(crops, height, width, out_size)
+    assert (expected == 7).any()
+    for block in (1, 7, None):
+        assert torch.equal(zs_seg.stitch_and_argmax(crops, height, width, out_size, block), expected)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_class_blocks_cover_every_class_and_never_hold_three(threads):
+    """On one thread PyTorch resizes exactly 3 channels with its channel-vectorised kernel."""
+    for num_classes in (1, 3, 4, 7, 23, 150, 171):
+        for block in (None, 1, 2, 3, 4, 5, 10, 149, 150, 200):
+            blocks = zs_seg.class_blocks(num_classes, block)
+            assert [c for c0, c1 in blocks for c in range(c0, c1)] == list(range(num_classes))
+            assert len(blocks) == 1 or all(c1 - c0 != 3 for c0, c1 in blocks)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        logits = torch.randn(23, 12, 9, generator=torch.Generator().manual_seed(1))
+        logits[4] = logits.amax(0) + 0.1
+        logits[[9, 20, 21, 22]] = logits[4].clone()  # exact ties with 4 unless a resize rounds them apart
+        crops = [((0, 0, 200, 150), logits)]
+        expected = _stitch_reference(crops, 200, 150, (180, 141))
+        assert (expected == 4).all()
+        for block in (3, 5, 10):  # 23 = 5 + 5 + 5 + 5 + 3 and 10 + 10 + 3: the last 3 are folded
+            assert torch.equal(zs_seg.stitch_and_argmax(crops, 200, 150, (180, 141), block), expected)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_stitch_blocks_fit_the_cpu_cache_and_are_whole_on_an_accelerator():
+    per_class = 4 * (448 * 598 + 512 * 683)
+    assert zs_seg.stitch_block_size(150, 448, 598, (512, 683), "cpu") == zs_seg.CPU_STITCH_BLOCK_BYTES // per_class
+    assert zs_seg.stitch_block_size(150, 4000, 4000, (4000, 4000), "cpu") == 1
+    assert zs_seg.stitch_block_size(150, 448, 598, (512, 683), "meta") == 150

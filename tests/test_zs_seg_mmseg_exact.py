@@ -1,7 +1,6 @@
 """zs-seg pixel-exact with an mmseg-pipeline reference: mmcv's own image reader and Resize
 transform, mmseg's own `EncoderDecoder.slide_inference`, on odd sizes, an EXIF-rotated JPEG, a
 CMYK JPEG and a 2000x300 image, for a big_vision and an open_clip model; plus the pieces alone."""
-import io
 import json
 import sys
 import types
@@ -14,7 +13,6 @@ from PIL import Image
 
 from silc_bench import registry
 from silc_bench.checkpoints import load_model
-from silc_bench.data.segmentation import open_dataset as open_segmentation
 from silc_bench.harness import get_harness, zs_seg
 
 mmcv = pytest.importorskip("mmcv")
@@ -132,10 +130,13 @@ def mmseg_reference(model, ds, prepared, index):
 @pytest.mark.parametrize("which", ["big_vision", "open_clip"])
 def test_predictions_equal_the_mmseg_pipeline_on_every_pixel(which, tiny_big_vision_npz, open_clip_model, data_root,
                                                             monkeypatch):
-    """Every pixel equal to mmseg's own slide inference, whatever the batch size."""
+    """Every pixel equal to mmseg's own slide inference, whatever the batch size and stitching block."""
     model = load_model(str(tiny_big_vision_npz)) if which == "big_vision" else open_clip_model
     refs = None
-    for batch_size in (5, 1, 16):
+    # Stitching over blocks of classes (on a CPU, cache-sized): the default, 1 and 7 classes at a time.
+    for batch_size, block in ((5, None), (1, 1), (16, 7)):
+        if block is not None:
+            monkeypatch.setattr(zs_seg, "stitch_block_size", lambda *args, block=block: block)
         ds, prepared, preds = harness_predictions(model, data_root, monkeypatch, batch_size=batch_size)
         assert [tuple(p.shape) for p in preds] == [tuple(ds[i]["label"].shape) for i in range(len(ds))]
         refs = refs or [mmseg_reference(model, ds, prepared, i) for i in range(len(ds))]

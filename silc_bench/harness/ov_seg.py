@@ -27,13 +27,16 @@ from PIL import Image
 from silc_bench import paths
 from silc_bench.data.loading import iterate
 from silc_bench.errors import UserError
-from silc_bench.harness.zs_seg import slide_windows
+from silc_bench.harness.zs_seg import class_blocks, slide_windows
 from silc_bench.harness.base import CountsHarness
 from silc_bench.harness.predictions import save_prediction
 from silc_bench.hashing import sha256_json
 from silc_bench.metrics.segmentation import SegmentationMetric
 
-CLASS_CHUNK = 64  # classes combined at a time after the forward; any value gives the same predictions
+# Classes combined at a time after the forward (C x 640^2 maps at once would not fit for ADE-847).
+# Resizes of large maps run PyTorch's generic CPU kernel, per value whatever the chunk (see
+# zs_seg._resized_per_class); small ones (height + width <= 128) are combined in one chunk.
+CLASS_CHUNK = 64
 _REQUIRED = ("out_res", "crop", "stride", "global_view")
 # Descriptive protocol keys: the only values implemented (an override to another value is refused).
 FIXED = {"score": "sigmoid", "combine": "mean", "upsample": "bilinear", "vocabulary": "dataset", "background": "voc20b"}
@@ -181,9 +184,9 @@ def combine_views(logits: torch.Tensor, boxes, protocol: dict, label_size: tuple
     for y1, x1, y2, x2 in boxes:
         count[:, y1:y2, x1:x2] += 1
     best_val = best_idx = None
-    for c0 in range(0, logits.shape[1], CLASS_CHUNK):
-        probs = F.interpolate(logits[:, c0:c0 + CLASS_CHUNK], size=(crop, crop), mode="bilinear",
-                              align_corners=False).sigmoid()
+    large = all(h + w > 128 for h, w in ((crop, crop), (out, out), tuple(label_size)))
+    for c0, c1 in class_blocks(logits.shape[1], CLASS_CHUNK if large else None):
+        probs = F.interpolate(logits[:, c0:c1], size=(crop, crop), mode="bilinear", align_corners=False).sigmoid()
         canvas = torch.zeros(probs.shape[1], out, out, device=logits.device)
         for (y1, x1, y2, x2), p in zip(boxes, probs[:n_win]):
             canvas[:, y1:y2, x1:x2] += p
