@@ -170,7 +170,8 @@ def stitch_and_argmax(crops, height: int, width: int, out_size, classes_per_bloc
     widest = max(c1 - c0 for c0, c1 in blocks)
     canvas = torch.empty(1, widest, height, width, device=device)
     scores = torch.empty(1, widest, *out_size, device=device)
-    upsampled = {(y2 - y1, x2 - x1): torch.empty(1, widest, y2 - y1, x2 - x1, device=device)
+    # Crops are upsampled in their own dtype (bf16 under --precision bf16) and summed in fp32.
+    upsampled = {(y2 - y1, x2 - x1): torch.empty(1, widest, y2 - y1, x2 - x1, device=device, dtype=first.dtype)
                  for (y1, x1, y2, x2), _ in crops}
     best = pred = better = None
     for c0, c1 in blocks:
