@@ -256,6 +256,18 @@ def test_class_chunks_equal_the_reference_on_every_pixel_at_catseg_sizes(monkeyp
         for chunk in (1, 3, 4, 64):
             monkeypatch.setattr(ov_seg, "CLASS_CHUNK", chunk)
             assert torch.equal(ov_seg.combine_views(logits, prepared.boxes, full, s["label"].shape), expected)
+            assert torch.equal(ov_seg.combine_views(logits, prepared.boxes, full, s["label"].shape, None, chunk),
+                               expected)
+        logits[0, 2, 0, 0] = float("nan")  # the whole stack then, with max's own NaN rule
+        expected = catseg_reference(_FixedLogits(logits, model.backbone), dataset, full)[0]
+        assert torch.equal(ov_seg.combine_views(logits, prepared.boxes, full, s["label"].shape, None, 2), expected)
+
+
+def test_combine_blocks_fit_the_cpu_cache_and_are_chunks_on_an_accelerator():
+    full = {"out_res": 640, "crop": 384}
+    per_class = 4 * (5 * 384 * 384 + 2 * 640 * 640 + 512 * 683)
+    assert ov_seg.combine_block_size(150, 5, full, (512, 683), "cpu") == max(1, ov_seg.CPU_COMBINE_BLOCK_BYTES // per_class)
+    assert ov_seg.combine_block_size(150, 5, full, (512, 683), "meta") == ov_seg.CLASS_CHUNK
 
 
 class _FixedLogits(nn.Module):

@@ -27,7 +27,7 @@ from PIL import Image
 from silc_bench import paths
 from silc_bench.data.loading import iterate
 from silc_bench.errors import UserError
-from silc_bench.harness.zs_seg import class_blocks, slide_windows
+from silc_bench.harness.zs_seg import bilinear_into, class_blocks, fold_argmax, slide_windows
 from silc_bench.harness.base import CountsHarness
 from silc_bench.harness.predictions import save_prediction
 from silc_bench.hashing import sha256_json
@@ -37,6 +37,8 @@ from silc_bench.metrics.segmentation import SegmentationMetric
 # Resizes of large maps run PyTorch's generic CPU kernel, per value whatever the chunk (see
 # zs_seg._resized_per_class); small ones (height + width <= 128) are combined in one chunk.
 CLASS_CHUNK = 64
+# On a CPU, blocks of classes whose maps fit about this many bytes (cache), as zs-seg's stitching.
+CPU_COMBINE_BLOCK_BYTES = 10 * 2**20
 _REQUIRED = ("out_res", "crop", "stride", "global_view")
 # Descriptive protocol keys: the only values implemented (an override to another value is refused).
 FIXED = {"score": "sigmoid", "combine": "mean", "upsample": "bilinear", "vocabulary": "dataset", "background": "voc20b"}
@@ -176,33 +178,50 @@ def make_views(image: torch.Tensor, protocol: dict, boxes, normalize) -> torch.T
 
 
 def combine_views(logits: torch.Tensor, boxes, protocol: dict, label_size: tuple[int, int],
-                  query_to_label: torch.Tensor | None = None) -> torch.Tensor:
-    """View logits [V, Q, h, w] (windows, then global) -> predicted labels [H, W] at the label size."""
+                  query_to_label: torch.Tensor | None = None, classes_per_block: int | None = None) -> torch.Tensor:
+    """View logits [V, Q, h, w] (windows, then global) -> predicted labels [H, W] at the label size.
+
+    CAT-Seg's `inference_sliding_window`, a block of classes at a time (`classes_per_block`,
+    default CLASS_CHUNK): logits bilinear to the window and sigmoid, windows summed and divided by
+    the count, averaged with the global view, bilinear to the label, running argmax."""
     out, crop = protocol["out_res"], protocol["crop"]
-    n_win = len(boxes)
-    count = torch.zeros(1, out, out, device=logits.device)
+    n_win, num, device = len(boxes), logits.shape[1], logits.device
+    count = torch.zeros(1, out, out, device=device)
     for y1, x1, y2, x2 in boxes:
         count[:, y1:y2, x1:x2] += 1
-    best_val = best_idx = None
     large = all(h + w > 128 for h, w in ((crop, crop), (out, out), tuple(label_size)))
-    for c0, c1 in class_blocks(logits.shape[1], CLASS_CHUNK if large else None):
-        probs = F.interpolate(logits[:, c0:c1], size=(crop, crop), mode="bilinear", align_corners=False).sigmoid()
-        canvas = torch.zeros(probs.shape[1], out, out, device=logits.device)
+    blocks = class_blocks(num, (classes_per_block or CLASS_CHUNK) if large else None)
+    if len(blocks) > 1 and not torch.isfinite(logits).all():
+        blocks = [(0, num)]  # NaN / inf: the whole stack, max's own NaN rule
+    widest = max(c1 - c0 for c0, c1 in blocks)
+    # Buffers reused by every block; in-place steps do the same arithmetic as CAT-Seg's out-of-place ones.
+    probs_buf = torch.empty(logits.shape[0], widest, crop, crop, device=device, dtype=logits.dtype)
+    canvas_buf = torch.empty(widest, out, out, device=device, dtype=logits.dtype)
+    whole_buf = torch.empty(1, widest, out, out, device=device, dtype=logits.dtype)
+    scores_buf = torch.empty(1, widest, *label_size, device=device, dtype=logits.dtype)
+    running = None
+    for c0, c1 in blocks:
+        n = c1 - c0
+        probs = bilinear_into(logits[:, c0:c1], probs_buf[:, :n]).sigmoid_()
+        canvas = canvas_buf[:n].zero_()
         for (y1, x1, y2, x2), p in zip(boxes, probs[:n_win]):
             canvas[:, y1:y2, x1:x2] += p
-        canvas = canvas / count
+        canvas.div_(count)
         if protocol["global_view"]:
-            whole = F.interpolate(probs[n_win:n_win + 1], size=(out, out), mode="bilinear", align_corners=False)[0]
-            canvas = (canvas + whole) / 2.0
-        canvas = F.interpolate(canvas[None], size=tuple(label_size), mode="bilinear", align_corners=False)[0]
-        val, idx = canvas.max(dim=0)
-        if best_val is None:
-            best_val, best_idx = val, idx
-        else:  # strictly greater: ties keep the lower index, as one argmax over all classes
-            better = val > best_val
-            best_val = torch.where(better, val, best_val)
-            best_idx = torch.where(better, idx + c0, best_idx)
+            canvas.add_(bilinear_into(probs[n_win:n_win + 1], whole_buf[:, :n])[0]).div_(2.0)
+        running = fold_argmax(running, bilinear_into(canvas[None], scores_buf[:, :n])[0], c0)
+    best_idx = running.pred
     return best_idx if query_to_label is None else query_to_label.to(best_idx.device)[best_idx]
+
+
+def combine_block_size(num_queries: int, views: int, protocol: dict, label_size, device) -> int:
+    """Classes per combining block: CLASS_CHUNK on an accelerator; on a CPU what fits
+    CPU_COMBINE_BLOCK_BYTES of window maps, canvas, global map and label-size scores."""
+    if torch.device(device).type != "cpu":
+        return CLASS_CHUNK
+    out, crop = protocol["out_res"], protocol["crop"]
+    per_class = 4 * (views * crop * crop + 2 * out * out + label_size[0] * label_size[1])
+    return max(1, min(CLASS_CHUNK, num_queries, CPU_COMBINE_BLOCK_BYTES // per_class))
 
 
 # ---------------------------------------------------------------------- harness API
@@ -268,8 +287,9 @@ def evaluate(model, dataset, prepared: OvSegSetup, indices, *, device, batch_siz
             item.remaining -= 1
             if item.remaining == 0:
                 del pending[image_id]
+                block = combine_block_size(len(prepared.query_names), len(item.logits), p, item.label.shape, device)
                 pred = combine_views(torch.stack(item.logits), prepared.boxes, p, item.label.shape,
-                                     prepared.query_to_label)
+                                     prepared.query_to_label, block)
                 metric.update(pred, item.label)
                 save_prediction(prepared, dataset, image_id, pred)
                 if progress is not None:

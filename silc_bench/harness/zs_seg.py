@@ -135,7 +135,7 @@ def _patch_logits(model, prepared: ZsSegSetup, crops: torch.Tensor) -> torch.Ten
     return logits.reshape(logits.shape[0], c, s, *logits.shape[2:]).amax(dim=2)
 
 
-def _bilinear(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def bilinear_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """`F.interpolate(x, size=out.shape[-2:], mode="bilinear", align_corners=False)` written into
     `out`: the same ATen kernel and arithmetic (tests compare every pixel), no fresh allocation."""
     return torch.ops.aten.upsample_bilinear2d.out(x, list(out.shape[-2:]), False, None, None, out=out)
@@ -173,23 +173,44 @@ def stitch_and_argmax(crops, height: int, width: int, out_size, classes_per_bloc
     # Crops are upsampled in their own dtype (bf16 under --precision bf16) and summed in fp32.
     upsampled = {(y2 - y1, x2 - x1): torch.empty(1, widest, y2 - y1, x2 - x1, device=device, dtype=first.dtype)
                  for (y1, x1, y2, x2), _ in crops}
-    best = pred = better = None
+    running = None
     for c0, c1 in blocks:
         part = canvas[:, :c1 - c0].zero_()
         for (y1, x1, y2, x2), logits in crops:
-            up = _bilinear(logits[None, c0:c1], upsampled[y2 - y1, x2 - x1][:, :c1 - c0])
+            up = bilinear_into(logits[None, c0:c1], upsampled[y2 - y1, x2 - x1][:, :c1 - c0])
             part[0, :, y1:y2, x1:x2] += up[0]
-        block_scores = _bilinear(part.div_(count), scores[:, :c1 - c0])[0]
+        block_scores = bilinear_into(part.div_(count), scores[:, :c1 - c0])[0]
         if len(blocks) == 1:
             return block_scores.argmax(dim=0)
-        if best is None:
-            best, pred = block_scores[0].clone(), torch.full(tuple(out_size), c0, dtype=torch.long, device=device)
-            better = torch.empty(tuple(out_size), dtype=torch.bool, device=device)
-            block_scores, c0 = block_scores[1:], c0 + 1
-        for j, score in enumerate(block_scores, start=c0):
-            pred.masked_fill_(torch.gt(score, best, out=better), j)  # strictly greater: ties keep the earlier class
-            torch.maximum(best, score, out=best)
-    return pred
+        running = fold_argmax(running, block_scores, c0)
+    return running.pred
+
+
+class RunningArgmax:
+    """The argmax over classes of score maps that arrive a block of classes at a time."""
+
+    def __init__(self, scores: torch.Tensor, c0: int):
+        self.best, self.pred = scores.max(dim=0)
+        self.pred += c0
+        self.better = torch.empty_like(self.pred, dtype=torch.bool)
+
+
+def fold_argmax(running: RunningArgmax | None, scores: torch.Tensor, c0: int) -> RunningArgmax:
+    """Fold the [n, h, w] scores of classes c0..c0+n-1 into `running`. A class replaces the best so
+    far only where strictly greater, so ties keep the earlier class, as one `argmax` over all classes
+    does. Small blocks go class by class (on a CPU a max over a few outer rows is slow)."""
+    if running is None:
+        return RunningArgmax(scores, c0)
+    if scores.shape[0] > 8:
+        value, index = scores.max(dim=0)
+        torch.gt(value, running.best, out=running.better)
+        running.pred = torch.where(running.better, index + c0, running.pred)
+        torch.maximum(running.best, value, out=running.best)
+        return running
+    for j, score in enumerate(scores, start=c0):
+        running.pred.masked_fill_(torch.gt(score, running.best, out=running.better), j)
+        torch.maximum(running.best, score, out=running.best)
+    return running
 
 
 def class_blocks(num_classes: int, block: int | None) -> list[tuple[int, int]]:
