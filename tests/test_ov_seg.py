@@ -243,6 +243,16 @@ def test_class_chunks_equal_the_reference_on_every_pixel_at_catseg_sizes(monkeyp
     """At CAT-Seg's own sizes (640 canvas, 384 windows) classes are combined in chunks; every pixel
     equals CAT-Seg's whole-stack loop for any chunk, 3-class chunks included (folded away)."""
     full = {"resize_short": 640, "resize_max": 2560, "out_res": 640, "crop": 384, "stride": 256, "global_view": True}
+    # 2 threads: the sigmoid's thread split then falls between vectors for any block (README, Speed).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_chunks_at_catseg_sizes(full, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_chunks_at_catseg_sizes(full, monkeypatch):
     dataset = Images([(72, 100)], num_classes=11)
     model = FakeCatSeg("features")
     prepared = ov_seg.setup(model, dataset, full, "cpu")

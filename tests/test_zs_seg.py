@@ -247,6 +247,16 @@ def test_stitching_over_class_blocks_equals_the_whole_stack(height, width, out_s
         assert torch.equal(zs_seg.stitch_and_argmax(crops, height, width, out_size, block), expected)
 
 
+def test_bf16_crops_stitch_like_the_whole_stack():
+    """Under --precision bf16 the patch logits are bf16: upsampled in bf16, summed in fp32, as before."""
+    gen = torch.Generator().manual_seed(2)
+    crops = [(box, torch.randn(23, 8, 8, generator=gen).to(torch.bfloat16))
+             for box in zs_seg.slide_windows(200, 150, 128, 64)]
+    expected = _stitch_reference(crops, 200, 150, (180, 141))
+    for block in (1, 5, 7, None):
+        assert torch.equal(zs_seg.stitch_and_argmax(crops, 200, 150, (180, 141), block), expected)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_class_blocks_cover_every_class_and_never_hold_three(threads):
     """On one thread PyTorch resizes exactly 3 channels with its channel-vectorised kernel."""

@@ -35,7 +35,9 @@ from silc_bench.metrics.segmentation import SegmentationMetric
 
 # Classes combined at a time after the forward (C x 640^2 maps at once would not fit for ADE-847).
 # Resizes of large maps run PyTorch's generic CPU kernel, per value whatever the chunk (see
-# zs_seg._resized_per_class); small ones (height + width <= 128) are combined in one chunk.
+# zs_seg._resized_per_class); small ones (height + width <= 128) are combined in one chunk. The
+# sigmoid can still round 1 ulp differently where a thread's share of a block ends inside a vector
+# (README, Speed), as it can in CAT-Seg's own loop under another thread count.
 CLASS_CHUNK = 64
 # On a CPU, blocks of classes whose maps fit about this many bytes (cache), as zs-seg's stitching.
 CPU_COMBINE_BLOCK_BYTES = 10 * 2**20
@@ -189,9 +191,12 @@ def combine_views(logits: torch.Tensor, boxes, protocol: dict, label_size: tuple
     count = torch.zeros(1, out, out, device=device)
     for y1, x1, y2, x2 in boxes:
         count[:, y1:y2, x1:x2] += 1
-    large = all(h + w > 128 for h, w in ((crop, crop), (out, out), tuple(label_size)))
+    logits = logits.contiguous()  # a channels-last stack would take the channel-vectorised resize
+    large = (logits.shape[-2] * logits.shape[-1] > 1
+             and all(h + w > 128 for h, w in ((crop, crop), (out, out), tuple(label_size))))
     blocks = class_blocks(num, (classes_per_block or CLASS_CHUNK) if large else None)
-    if len(blocks) > 1 and not torch.isfinite(logits).all():
+    small_blocks = any(c1 - c0 <= 8 for c0, c1 in blocks[1:])
+    if small_blocks and not torch.isfinite(logits).all():  # small blocks: a CPU's (or a short last chunk)
         blocks = [(0, num)]  # NaN / inf: the whole stack, max's own NaN rule
     widest = max(c1 - c0 for c0, c1 in blocks)
     # Buffers reused by every block; in-place steps do the same arithmetic as CAT-Seg's out-of-place ones.

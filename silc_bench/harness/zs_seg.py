@@ -163,6 +163,7 @@ def stitch_and_argmax(crops, height: int, width: int, out_size, classes_per_bloc
     if len(blocks) > 1 and not (_resized_per_class(crops, out_size)
                                 and all(torch.isfinite(logits).all() for _, logits in crops)):
         blocks = [(0, num_classes)]  # the whole stack: as before, and argmax's own NaN rule
+    # (Blocks are only made on a CPU, so the finiteness check never waits for an accelerator.)
     count = torch.zeros(1, 1, height, width, device=device)
     for y1, x1, y2, x2 in (box for box, _ in crops):
         count[0, :, y1:y2, x1:x2] += 1
@@ -170,14 +171,15 @@ def stitch_and_argmax(crops, height: int, width: int, out_size, classes_per_bloc
     widest = max(c1 - c0 for c0, c1 in blocks)
     canvas = torch.empty(1, widest, height, width, device=device)
     scores = torch.empty(1, widest, *out_size, device=device)
-    # Crops are upsampled in their own dtype (bf16 under --precision bf16) and summed in fp32.
-    upsampled = {(y2 - y1, x2 - x1): torch.empty(1, widest, y2 - y1, x2 - x1, device=device, dtype=first.dtype)
-                 for (y1, x1, y2, x2), _ in crops}
+    # Crops are upsampled in their own dtype (bf16 under --precision bf16) and summed in fp32, into
+    # one buffer sized for the largest window, viewed per window shape.
+    largest = max((y2 - y1) * (x2 - x1) for (y1, x1, y2, x2), _ in crops)
+    flat = torch.empty(widest * largest, device=device, dtype=first.dtype)
     running = None
     for c0, c1 in blocks:
         part = canvas[:, :c1 - c0].zero_()
         for (y1, x1, y2, x2), logits in crops:
-            up = bilinear_into(logits[None, c0:c1], upsampled[y2 - y1, x2 - x1][:, :c1 - c0])
+            up = bilinear_into(logits[None, c0:c1], flat[:(c1 - c0) * (y2 - y1) * (x2 - x1)].view(1, c1 - c0, y2 - y1, x2 - x1))
             part[0, :, y1:y2, x1:x2] += up[0]
         block_scores = bilinear_into(part.div_(count), scores[:, :c1 - c0])[0]
         if len(blocks) == 1:
@@ -198,12 +200,14 @@ class RunningArgmax:
 def fold_argmax(running: RunningArgmax | None, scores: torch.Tensor, c0: int) -> RunningArgmax:
     """Fold the [n, h, w] scores of classes c0..c0+n-1 into `running`. A class replaces the best so
     far only where strictly greater, so ties keep the earlier class, as one `argmax` over all classes
-    does. Small blocks go class by class (on a CPU a max over a few outer rows is slow)."""
+    does. After the first block, small blocks go class by class (on a CPU a max over a few outer
+    rows is slow); callers give those finite scores."""
     if running is None:
         return RunningArgmax(scores, c0)
-    if scores.shape[0] > 8:
+    if scores.shape[0] > 8:  # (the accelerator path: blocks of CLASS_CHUNK in ov-seg, NaN as argmax's)
         value, index = scores.max(dim=0)
         torch.gt(value, running.best, out=running.better)
+        running.better |= value.isnan() & ~running.best.isnan()
         running.pred = torch.where(running.better, index + c0, running.pred)
         torch.maximum(running.best, value, out=running.best)
         return running
