@@ -27,7 +27,7 @@ from PIL import Image
 from silc_bench import paths
 from silc_bench.data.loading import iterate
 from silc_bench.errors import UserError
-from silc_bench.harness.zs_seg import bilinear_into, class_blocks, fold_argmax, slide_windows
+from silc_bench.harness.zs_seg import bilinear_into, class_blocks, fold_argmax, resized_per_class, slide_windows
 from silc_bench.harness.base import CountsHarness
 from silc_bench.harness.predictions import save_prediction
 from silc_bench.hashing import sha256_json
@@ -35,7 +35,7 @@ from silc_bench.metrics.segmentation import SegmentationMetric
 
 # Classes combined at a time after the forward (C x 640^2 maps at once would not fit for ADE-847).
 # Resizes of large maps run PyTorch's generic CPU kernel, per value whatever the chunk (see
-# zs_seg._resized_per_class); small ones (height + width <= 128) are combined in one chunk. The
+# zs_seg.resized_per_class); small ones (height + width <= 128) are combined in one chunk. The
 # sigmoid can still round 1 ulp differently where a thread's share of a block ends inside a vector
 # (README, Speed), as it can in CAT-Seg's own loop under another thread count.
 CLASS_CHUNK = 64
@@ -192,9 +192,8 @@ def combine_views(logits: torch.Tensor, boxes, protocol: dict, label_size: tuple
     for y1, x1, y2, x2 in boxes:
         count[:, y1:y2, x1:x2] += 1
     logits = logits.contiguous()  # a channels-last stack would take the channel-vectorised resize
-    large = (logits.shape[-2] * logits.shape[-1] > 1
-             and all(h + w > 128 for h, w in ((crop, crop), (out, out), tuple(label_size))))
-    blocks = class_blocks(num, (classes_per_block or CLASS_CHUNK) if large else None)
+    resizes = [(tuple(logits.shape[-2:]), (crop, crop)), ((crop, crop), (out, out)), ((out, out), tuple(label_size))]
+    blocks = class_blocks(num, (classes_per_block or CLASS_CHUNK) if resized_per_class(resizes) else None)
     small_blocks = any(c1 - c0 <= 8 for c0, c1 in blocks[1:])
     if small_blocks and not torch.isfinite(logits).all():  # small blocks: a CPU's (or a short last chunk)
         blocks = [(0, num)]  # NaN / inf: the whole stack, max's own NaN rule

@@ -160,7 +160,7 @@ def stitch_and_argmax(crops, height: int, width: int, out_size, classes_per_bloc
     (_, first), device = crops[0], crops[0][1].device
     num_classes = first.shape[0]
     blocks = class_blocks(num_classes, classes_per_block)
-    if len(blocks) > 1 and not (_resized_per_class(crops, out_size)
+    if len(blocks) > 1 and not (resized_per_class(stitch_resizes(crops, height, width, out_size))
                                 and all(torch.isfinite(logits).all() for _, logits in crops)):
         blocks = [(0, num_classes)]  # the whole stack: as before, and argmax's own NaN rule
     # (Blocks are only made on a CPU, so the finiteness check never waits for an accelerator.)
@@ -179,7 +179,8 @@ def stitch_and_argmax(crops, height: int, width: int, out_size, classes_per_bloc
     for c0, c1 in blocks:
         part = canvas[:, :c1 - c0].zero_()
         for (y1, x1, y2, x2), logits in crops:
-            up = bilinear_into(logits[None, c0:c1], flat[:(c1 - c0) * (y2 - y1) * (x2 - x1)].view(1, c1 - c0, y2 - y1, x2 - x1))
+            window = (1, c1 - c0, y2 - y1, x2 - x1)
+            up = bilinear_into(logits[None, c0:c1], flat[:window[1] * window[2] * window[3]].view(window))
             part[0, :, y1:y2, x1:x2] += up[0]
         block_scores = bilinear_into(part.div_(count), scores[:, :c1 - c0])[0]
         if len(blocks) == 1:
@@ -218,7 +219,7 @@ def fold_argmax(running: RunningArgmax | None, scores: torch.Tensor, c0: int) ->
 
 
 def class_blocks(num_classes: int, block: int | None) -> list[tuple[int, int]]:
-    """[c0, c1) ranges of `block` classes; never 3 classes in one (see `_resized_per_class`)."""
+    """[c0, c1) ranges of `block` classes; never 3 classes in one (see `resized_per_class`)."""
     if block is None or block >= num_classes or num_classes == 3:
         return [(0, num_classes)]
     block = 4 if block == 3 else max(1, block)
@@ -228,16 +229,22 @@ def class_blocks(num_classes: int, block: int | None) -> list[tuple[int, int]]:
     return blocks
 
 
-def _resized_per_class(crops, out_size) -> bool:
-    """Whether every bilinear resize of the stitching runs PyTorch's generic CPU kernel, which
-    computes each value alone, the same whatever the number of channels resized with it. Its other
-    kernel vectorises over channels (a value's rounding then depends on its channel's place in the
-    vector); PyTorch picks that one for outputs with height + width <= 128, channels-last inputs of
-    more than 3 channels (a 1x1 patch grid is both layouts) and, on one thread, 3 channels, which
-    `class_blocks` never makes. Checked on every pixel in tests/test_zs_seg.py."""
-    sizes = [(y2 - y1, x2 - x1) for (y1, x1, y2, x2), _ in crops] + [tuple(out_size)]
-    grids_ok = all(logits.shape[-2] * logits.shape[-1] > 1 for _, logits in crops)
-    return grids_ok and all(h + w > 128 for h, w in sizes)
+def resized_per_class(resizes) -> bool:
+    """Whether every bilinear resize, given as ((in_h, in_w), (out_h, out_w)), runs PyTorch's generic
+    CPU kernel, which computes each value alone, the same whatever the number of channels resized
+    with it. Its other kernel vectorises over channels (a value's rounding then depends on its
+    channel's place in the vector); PyTorch picks that one for outputs with height + width <= 128,
+    channels-last inputs of more than 3 channels (a 1x1 input is both layouts; callers pass
+    contiguous maps) and, on one thread, 3 channels, which `class_blocks` never makes. Only then may
+    classes be resized in blocks (zs-seg's stitching, ov-seg's view combining). Checked on every
+    pixel in tests/test_zs_seg.py and tests/test_ov_seg.py."""
+    return all(hi * wi > 1 and ho + wo > 128 for (hi, wi), (ho, wo) in resizes)
+
+
+def stitch_resizes(crops, height: int, width: int, out_size) -> list:
+    """The resizes of `stitch_and_argmax`: each crop's patch grid to its window, the canvas to the label."""
+    return ([(tuple(logits.shape[-2:]), (y2 - y1, x2 - x1)) for (y1, x1, y2, x2), logits in crops]
+            + [((height, width), tuple(out_size))])
 
 
 def stitch_block_size(num_classes: int, height: int, width: int, out_size, device) -> int:
