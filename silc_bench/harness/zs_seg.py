@@ -143,7 +143,7 @@ def bilinear_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 # On a CPU the stitching below runs over blocks of classes whose canvas and resized logits fit in
 # about this many bytes (the L2/L3 caches), instead of materialising C full-resolution maps twice:
-# 2.2x faster for ADE-150 at 448x598 -> 512x683 on 2 cores (benchmarks/zs_seg_vs_anchor_loop.py).
+# 2.2x faster for ADE-150 at 448x598 -> 512x683 on 2 cores (benchmarks/class_blocks.py).
 CPU_STITCH_BLOCK_BYTES = 10 * 2**20
 
 
