@@ -105,6 +105,54 @@ def test_toy_patch8_backbone_gives_quarter_resolution(tiny_config):
         assert model(pixels(48), ["a"]).shape == (1, 1, 12, 12)  # 6x6 grid: windows padded to 8x8
 
 
+# ------------------------------------------------------------------------------ inference chunks
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunks_of_class_maps_give_the_same_logits_to_the_bit(tiny_config, monkeypatch, threads):
+    """Without gradients the spatial aggregation and the decoder run over chunks of (image, class)
+    maps; chunk edges fall inside an image's classes, whose guidance each row must still find."""
+    from silc_bench.catseg import model as catseg_model
+
+    torch.set_num_threads(threads)
+    model = CatSeg(big_vision_backbone(tiny_config, patch_size=8, grid=(8, 8)), dict(TINY_HEAD, crop_size=64)).eval()
+    d = model.backbone.dense_features(pixels(64)).shape[-1]
+    text = F.normalize(torch.randn(7, 1, d, generator=torch.Generator().manual_seed(0)), dim=-1)
+    px = pixels(64, b=3)
+    with torch.no_grad():
+        whole = model(px, text)
+    out_conv = model.head.aggregator.out
+    for chunk in (2, 3, 5, 20):  # of 3 x 7 = 21 maps; a last single map joins the chunk before
+        calls = []
+        hook = out_conv.register_forward_hook(lambda m, a, o: calls.append(o.shape[0]))
+        monkeypatch.setattr(catseg_model, "inference_chunk",
+                            lambda rows, row_bytes, device, chunk=chunk: rows if torch.is_grad_enabled() else chunk)
+        with torch.no_grad():
+            got = model(px, text)
+        hook.remove()
+        expected = [chunk] * (21 // chunk) + ([21 % chunk] if 21 % chunk else [])
+        if expected[-1] == 1:
+            expected[-2:] = [chunk + 1]
+        assert calls == expected
+        assert torch.equal(got, whole), f"chunks of {chunk}: max difference {(got - whole).abs().max()}"
+    with torch.enable_grad():  # training: one chunk (gradients summed as before), the same logits
+        assert torch.equal(model(px, text).detach(), whole)
+
+
+def test_chunk_sizes_fit_the_budget_and_training_keeps_one():
+    from silc_bench.catseg.model import ACCELERATOR_CHUNK_BYTES, CPU_CHUNK_BYTES, inference_chunk
+
+    with torch.no_grad():
+        assert inference_chunk(750, 2**20, "cpu") == CPU_CHUNK_BYTES // 2**20
+        assert inference_chunk(750, 2**30, "cpu") == 2  # never one map alone (see CPU_CHUNK_BYTES)
+        assert inference_chunk(10, 1, "cpu") == 10
+        assert inference_chunk(1, 2**30, "cpu") == 1
+        assert inference_chunk(2400, 2**20, "cuda:0") == ACCELERATOR_CHUNK_BYTES // 2**20
+    assert inference_chunk(750, 2**20, "cpu") == 750  # gradients on
+    from silc_bench.catseg.model import row_chunks
+
+    assert [(r.start, r.stop) for r, _ in row_chunks(11, 3, 5, "cpu")] == [(0, 5), (5, 11)]
+    assert [i.tolist() for _, i in row_chunks(7, 3, 4, "cpu")] == [[0, 0, 0, 1], [1, 1, 2]]
+
+
 # ------------------------------------------------------------------------------ trainable set
 QV_PATTERNS = {
     "big_vision": r"model\.(img|txt)\.blocks\.\d+\.attn\.(query|value)\.(weight|bias)",

@@ -122,6 +122,40 @@ def auto_guidance_blocks(depth: int, stages: int) -> list[int]:
     return [max(0, round(depth * (i + 1) / (stages + 1)) - 1) for i in range(stages)]
 
 
+# ------------------------------------------------------------- chunks of (image, class) maps
+# Without gradients, the per-class parts (spatial aggregation, decoder) run over chunks of the
+# B x K (image, class) maps whose largest activation fits these bytes. On a CPU a tensor this small
+# is reused from the allocator's heap, while the whole stack's (1.8 GB per decoder tensor for 5 views
+# of 150 classes) is mapped fresh each time: most of the forward then went into the kernel zeroing
+# pages (benchmarks/catseg_chunks.py: 2x faster, the same logits to the bit). On an accelerator the
+# chunks bound peak memory. Each map is computed alone either way (convolutions, GroupNorm, window
+# attention and linear layers act per map), so the logits do not depend on the chunking
+# (tests/test_catseg_model.py); training keeps one chunk, so its gradients are summed as before.
+# One exception is avoided: for a batch of one small map (at most 20480 input values) PyTorch's CPU
+# convolution takes its native kernel instead of oneDNN's, which rounds differently; so no chunk
+# holds a single map unless there is only one.
+CPU_CHUNK_BYTES = 16 * 2**20
+ACCELERATOR_CHUNK_BYTES = 2**30
+
+
+def inference_chunk(rows: int, row_bytes: int, device) -> int:
+    """How many (image, class) maps one chunk holds: all of them when gradients are on."""
+    if torch.is_grad_enabled():
+        return rows
+    budget = CPU_CHUNK_BYTES if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_BYTES
+    return min(rows, max(2, budget // max(1, row_bytes)))
+
+
+def row_chunks(rows: int, per_image: int, chunk: int, device):
+    """(slice of rows, each row's image index) over image-major rows of `per_image` classes; a last
+    single row joins the chunk before it."""
+    starts = list(range(0, rows, chunk))
+    if len(starts) > 1 and rows - starts[-1] == 1:
+        starts.pop()
+    for start, stop in zip(starts, starts[1:] + [rows]):
+        yield slice(start, stop), torch.arange(start, stop, device=device) // per_image
+
+
 # ---------------------------------------------------------------------------- spatial aggregation
 def _windows(x: torch.Tensor, ws: int) -> torch.Tensor:
     """[N, H, W, C] -> [N, nW, ws*ws, C]."""
@@ -225,11 +259,24 @@ class SpatialAggregation(nn.Module):
         """x [B, C, K, h, w], guidance [B, G, h, w] -> [B, C, K, h, w]."""
         b, c, k, h, w = x.shape
         y = x.permute(0, 2, 3, 4, 1).reshape(b * k, h, w, c)
-        if guidance is not None:
-            g = self.guidance_norm(guidance.permute(0, 2, 3, 1))
-            guidance = g[:, None].expand(b, k, h, w, g.shape[-1]).reshape(b * k, h, w, -1)
-        y = self.block2(self.block1(y, guidance), guidance)
+        g = None if guidance is None else self.guidance_norm(guidance.permute(0, 2, 3, 1))
+        chunk = inference_chunk(b * k, self.row_bytes(h, w, c, y.element_size()), y.device)
+        if chunk >= b * k:
+            if g is not None:
+                g = g[:, None].expand(b, k, h, w, g.shape[-1]).reshape(b * k, h, w, -1)
+            y = self.block2(self.block1(y, g), g)
+        else:
+            parts = []
+            for rows, images in row_chunks(b * k, k, chunk, y.device):
+                gr = None if g is None else g.index_select(0, images)
+                parts.append(self.block2(self.block1(y[rows], gr), gr))
+            y = torch.cat(parts)
         return y.view(b, k, h, w, c).permute(0, 4, 1, 2, 3)
+
+    def row_bytes(self, h: int, w: int, c: int, itemsize: int) -> int:
+        """Bytes of the largest activation per (image, class) map: the MLP's hidden layer."""
+        ws = min(self.block1.window, h, w)
+        return math.ceil(h / ws) * ws * math.ceil(w / ws) * ws * self.block1.mlp[0].out_features * itemsize
 
 
 # ------------------------------------------------------------------------------ class aggregation
@@ -296,11 +343,16 @@ class UpStage(nn.Module):
             nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.GroupNorm(groups, out_ch), nn.ReLU(),
             nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False), nn.GroupNorm(groups, out_ch), nn.ReLU())
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None, images: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, C, h, w]: (image, class) maps; guidance [B, G, H, W], shared by the classes of each
+        image; `images`: each row's image (a chunk's rows), or None: all B x K rows, image-major."""
         x = self.up(x)
-        if guidance is not None:  # [B, G, H, W] shared by the K classes of each image (x is [B*K, ...])
-            k = x.shape[0] // guidance.shape[0]
-            g = guidance[:, None].expand(guidance.shape[0], k, *guidance.shape[1:]).flatten(0, 1)
+        if guidance is not None:
+            if images is None:
+                k = x.shape[0] // guidance.shape[0]
+                g = guidance[:, None].expand(guidance.shape[0], k, *guidance.shape[1:]).flatten(0, 1)
+            else:
+                g = guidance.index_select(0, images)
             x = torch.cat([x, g], dim=1)
         return self.conv(x)
 
@@ -344,9 +396,27 @@ class Aggregator(nn.Module):
         for spatial, classwise in zip(self.spatial, self.classwise):
             x = classwise(spatial(x, appearance), text_guidance)
         y = x.transpose(1, 2).flatten(0, 1)  # [B*K, C, h, w]
-        for stage, proj, g in zip(self.decoder, self.decoder_guidance_proj, vit_guidance):
-            y = stage(y, proj(g))
-        return self.out(y).view(b, k, *y.shape[-2:])
+        guidance = [proj(g) for proj, g in zip(self.decoder_guidance_proj, vit_guidance)]
+        chunk = inference_chunk(b * k, self.decoder_row_bytes(h, w, y.element_size()), y.device)
+        if chunk >= b * k:
+            for stage, g in zip(self.decoder, guidance):
+                y = stage(y, g)
+            return self.out(y).view(b, k, *y.shape[-2:])
+        out = []
+        for rows, images in row_chunks(b * k, k, chunk, y.device):
+            z = y[rows]
+            for stage, g in zip(self.decoder, guidance):
+                z = stage(z, g, images)
+            out.append(self.out(z))
+        return torch.cat(out).view(b, k, *out[0].shape[-2:])
+
+    def decoder_row_bytes(self, h: int, w: int, itemsize: int) -> int:
+        """Bytes of the decoder's largest activation per (image, class) map."""
+        largest = 0
+        for stage in self.decoder:
+            h, w = h * stage.up.stride[0], w * stage.up.stride[1]
+            largest = max(largest, h * w * max(stage.up.in_channels, stage.conv[0].out_channels))
+        return largest * itemsize
 
 
 class CatSegHead(nn.Module):
