@@ -12,6 +12,7 @@ part of the library: it drives the public command line (`silc-bench pretrain`) a
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's silc_bench, installed or not
 
 from silc_bench.cli import main as silc_bench  # noqa: E402
+from silc_bench.data.toyworld import STUFF_CLASSES  # noqa: E402
 from silc_bench.paths import CONFIGS_DIR, RESULTS_DIR  # noqa: E402
 from silc_bench.results.record import atomic_write_text, read_record  # noqa: E402
 from silc_bench.runner import RunOptions, output_path, run  # noqa: E402
@@ -28,6 +30,25 @@ def summarise(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def stuff_and_things(record: dict) -> tuple[float, float]:
+    """Mean IoU of the stuff classes and of the thing classes (the mIoU mixes 6 stuff with 24 things)."""
+    iou = {k: v for k, v in record["per_class"]["IoU"].items() if not math.isnan(v)}  # NaN: absent class
+    stuff = [v for k, v in iou.items() if k in STUFF_CLASSES]
+    things = [v for k, v in iou.items() if k not in STUFF_CLASSES]
+    return (statistics.mean(stuff) if stuff else math.nan), (statistics.mean(things) if things else math.nan)
+
+
+def table_lines(seeds: list[int], rows: list[tuple[str, list[float]]]) -> list[str]:
+    lines = ["| toy model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+             "|---|" + "---:|" * (len(seeds) + 1)]
+    lines += [f"| {v} | " + " | ".join(f"{x:.2f}" for x in xs) + f" | {summarise(xs)} |" for v, xs in rows]
+    if len(rows) == 2:  # the same pretraining seed for both recipes: the paired difference
+        diff = [b - a for a, b in zip(rows[0][1], rows[1][1])]
+        lines.append(f"| {rows[1][0]} minus {rows[0][0]}, same seed | " + " | ".join(f"{x:.2f}" for x in diff)
+                     + f" | {summarise(diff)} |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -48,9 +69,9 @@ def main(argv=None) -> int:
     opts = RunOptions(data_root=args.data_root or str(out / "data"), out_dir=out / "records", workers=0,
                       progress=False, device="cpu")
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows = []
+    rows, stuff_rows, thing_rows = [], [], []
     for variant in args.variants.split(","):
-        scores = []
+        scores, stuff, things = [], [], []
         for seed in seeds:
             run_dir = Path(args.runs) / (f"{variant}{suffix}_s{seed}" + (f"_{args.steps}" if args.steps else ""))
             if not (run_dir / "model.npz").exists():
@@ -62,13 +83,18 @@ def main(argv=None) -> int:
                     return code
             spec = str(run_dir / "model.npz")
             run("zs-seg", [spec], [dataset], opts)
-            scores.append(read_record(output_path("zs-seg", spec, dataset, opts))["metrics"]["mIoU"])
+            record = read_record(output_path("zs-seg", spec, dataset, opts))
+            scores.append(record["metrics"]["mIoU"])
+            for kind, value in zip((stuff, things), stuff_and_things(record)):
+                kind.append(value)
         rows.append((variant, scores))
-    lines = ["| toy model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
-             "|---|" + "---:|" * (len(seeds) + 1)]
-    lines += [f"| {v} | " + " | ".join(f"{x:.2f}" for x in xs) + f" | {summarise(xs)} |" for v, xs in rows]
+        stuff_rows.append((variant, stuff))
+        thing_rows.append((variant, things))
     table = (f"Toy world {args.world}, Table 2 layout: zero-shot segmentation mIoU (%) on the 500-image `{dataset}` "
-             "validation split (30 classes), one pretraining run per seed.\n\n" + "\n".join(lines) + "\n")
+             "validation split (30 classes), one pretraining run per seed.\n\n" + "\n".join(table_lines(seeds, rows))
+             + f"\n\nThe same records, mean IoU (%) of the {len(STUFF_CLASSES)} stuff classes:\n\n"
+             + "\n".join(table_lines(seeds, stuff_rows))
+             + "\n\nand of the thing classes:\n\n" + "\n".join(table_lines(seeds, thing_rows)) + "\n")
     atomic_write_text(out / "table.md", table)
     print(table)
     return 0

@@ -23,7 +23,8 @@ def _experiment(name: str):
 
 
 seen_unseen = _experiment("catseg_toy_demo").seen_unseen
-summarise = _experiment("toy_seeds").summarise
+toy_seeds = _experiment("toy_seeds")
+summarise = toy_seeds.summarise
 
 
 @pytest.mark.parametrize("script", ["toy_seeds.py", "catseg_toy_demo.py"])
@@ -45,6 +46,14 @@ def test_seen_unseen_means_skip_absent_classes():
 def test_summarise_mean_and_sample_std():
     assert summarise([1.0, 2.0, 3.0]) == "2.00 ± 1.00"
     assert summarise([4.0]) == "4.00"
+
+
+def test_stuff_and_thing_means_and_the_paired_difference_row():
+    record = {"per_class": {"IoU": {"grass": 40.0, "sky": 20.0, "snow": float("nan"), "kite": 3.0, "drum": 1.0}}}
+    assert toy_seeds.stuff_and_things(record) == (30.0, 2.0)
+    lines = toy_seeds.table_lines([0, 1], [("clip", [1.0, 2.0]), ("silc_c", [2.5, 4.0])])
+    assert lines[-1] == "| silc_c minus clip, same seed | 1.50 | 2.00 | 1.75 ± 0.35 |"
+    assert len(toy_seeds.table_lines([0], [("clip", [1.0])])) == 3  # one variant: no difference row
 
 
 class _Dataset:
