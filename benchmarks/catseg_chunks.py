@@ -15,6 +15,7 @@ Last line: `catseg_chunk_speedup=X same_logits=True` (X > 1: chunks are faster).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import statistics
 import tempfile
@@ -31,14 +32,11 @@ from silc_bench.harness import get_harness, ov_seg
 
 
 @torch.inference_mode()
-def timed_forward(model, views, classes, chunk_bytes: int):
-    saved, catseg_model.CPU_CHUNK_BYTES = catseg_model.CPU_CHUNK_BYTES, chunk_bytes
-    try:
+def timed_forward(model, views, classes, whole: bool):
+    with catseg_model.whole_stack() if whole else contextlib.nullcontext():
         before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         logits = model(views, classes)
         seconds, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
-    finally:
-        catseg_model.CPU_CHUNK_BYTES = saved
     return seconds, after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime, logits
 
 
@@ -59,12 +57,12 @@ def main():
     views = ov_seg.make_views(resized[0]["image"].float(), p, prepared.boxes, model.backbone.preprocess.normalize)
     with torch.inference_mode():  # warm-up, untimed
         model(views[:2], prepared.classes)
-    contenders = {"whole stack": 2**62, "chunks": catseg_model.CPU_CHUNK_BYTES}
+    contenders = {"whole stack": True, "chunks": False}
     rounds = {name: [] for name in contenders}
     logits = {}
     for _ in range(args.repeats):
-        for name, chunk_bytes in contenders.items():
-            seconds, faults, system, logits[name] = timed_forward(model, views, prepared.classes, chunk_bytes)
+        for name, whole in contenders.items():
+            seconds, faults, system, logits[name] = timed_forward(model, views, prepared.classes, whole)
             rounds[name].append((seconds, faults, system))
     print(f"CAT-Seg on {args.arch}, {len(views)} views of 384, {len(dataset.classnames)} classes, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} alternating rounds")

@@ -6,9 +6,9 @@ detectron2's `ResizeShortestEdge(640, 2560)` (PIL bilinear on the uint8 image), 
 plus the whole image at 384, the five views in one forward per image, logits bilinear to 384 and
 sigmoid, `nn.Fold` / count, `(windows + global) / 2`, bilinear to the label size, argmax, and a
 numpy confusion matrix. The model is a CAT-Seg head (CVPR configuration) on an open_clip ViT
-(random weights: the cost does not depend on them); in the anchor loop its forward holds all
-(view, class) maps in every tensor, as CAT-Seg's own code does (the harness's default runs them in
-chunks, `benchmarks/catseg_chunks.py`; the logits are the same to the bit). The harness runs its own `evaluate` with the
+(random weights: the cost does not depend on them). In the anchor loop its forward holds every
+(view, class) map in each tensor, as CAT-Seg's own code does; the harness's default runs them in
+chunks (`benchmarks/catseg_chunks.py`), with the same logits to the bit. The harness runs its own `evaluate` with the
 CLI's defaults (batch 16, `default_workers()`: 0 on 2 cores) and with 0 workers. Class text embeddings are computed
 before any timing. Both must predict the same number of pixels of each class and hit the same
 number (per-class histograms: random weights score ~0 mIoU), checked here.
@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from silc_bench.catseg import model as catseg_model
-from silc_bench.catseg.model import CatSeg
+from silc_bench.catseg.model import CatSeg, whole_stack
 from silc_bench.checkpoints import load_model
 from silc_bench.data.fixtures import write_segmentation_fixture
 from silc_bench.data.loading import default_workers
@@ -43,11 +42,8 @@ from silc_bench.harness import ov_seg
 
 @torch.inference_mode()
 def anchor_loop(model, dataset, classes, short=640, longest=2560, out=640, kernel=384, stride=256):
-    saved, catseg_model.CPU_CHUNK_BYTES = catseg_model.CPU_CHUNK_BYTES, 2**62  # CAT-Seg's whole stack
-    try:
+    with whole_stack():  # CAT-Seg's own forward holds every (view, class) map in each tensor
         return _anchor_loop(model, dataset, classes, short, longest, out, kernel, stride)
-    finally:
-        catseg_model.CPU_CHUNK_BYTES = saved
 
 
 def _anchor_loop(model, dataset, classes, short, longest, out, kernel, stride):

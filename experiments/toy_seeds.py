@@ -41,6 +41,8 @@ def stuff_and_things(record: dict) -> tuple[float, float]:
 
 
 def table_lines(seeds: list[int], rows: list[tuple[str, list[float]]]) -> list[str]:
+    """Markdown rows, one per variant; with exactly two variants also their same-seed difference,
+    whose spread is the seed noise that the two recipes do not share."""
     lines = ["| toy model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
              "|---|" + "---:|" * (len(seeds) + 1)]
     lines += [f"| {v} | " + " | ".join(f"{x:.2f}" for x in xs) + f" | {summarise(xs)} |" for v, xs in rows]
@@ -85,8 +87,9 @@ def main(argv=None) -> int:
             run("zs-seg", [spec], [dataset], opts)
             record = read_record(output_path("zs-seg", spec, dataset, opts))
             scores.append(record["metrics"]["mIoU"])
-            for kind, value in zip((stuff, things), stuff_and_things(record)):
-                kind.append(value)
+            stuff_iou, thing_iou = stuff_and_things(record)
+            stuff.append(stuff_iou)
+            things.append(thing_iou)
         rows.append((variant, scores))
         stuff_rows.append((variant, stuff))
         thing_rows.append((variant, things))

@@ -106,50 +106,73 @@ def test_toy_patch8_backbone_gives_quarter_resolution(tiny_config):
 
 
 # ------------------------------------------------------------------------------ inference chunks
+# A head with a 1x1 decoder stage wide enough that PyTorch's own CPU kernel (batches under 16 on
+# one thread) rounds differently from oneDNN's: chunks of fewer than 16 maps would change logits.
+CHUNK_HEAD = dict(TINY_HEAD, crop_size=64, decoder_dims=[128, 96], decoder_guidance_proj_dims=[4, 16])
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-def test_chunks_of_class_maps_give_the_same_logits_to_the_bit(tiny_config, monkeypatch, threads):
+@pytest.mark.parametrize("max_classes", [256, 16])  # 16 of 20 classes: the top-k path
+def test_chunks_of_class_maps_give_the_same_logits_to_the_bit(tiny_config, monkeypatch, threads, max_classes):
     """Without gradients the spatial aggregation and the decoder run over chunks of (image, class)
-    maps; chunk edges fall inside an image's classes, whose guidance each row must still find."""
+    maps sized by CPU_CHUNK_BYTES; chunk edges fall inside an image's classes, whose guidance each
+    map must still find."""
     from silc_bench.catseg import model as catseg_model
 
     torch.set_num_threads(threads)
-    model = CatSeg(big_vision_backbone(tiny_config, patch_size=8, grid=(8, 8)), dict(TINY_HEAD, crop_size=64)).eval()
+    model = CatSeg(big_vision_backbone(tiny_config, patch_size=8, grid=(8, 8)),
+                   dict(CHUNK_HEAD, max_classes=max_classes)).eval()
+    assert model.decoder_scales == [2, 1]  # the second decoder stage is a 1x1 transposed conv
     d = model.backbone.dense_features(pixels(64)).shape[-1]
-    text = F.normalize(torch.randn(7, 1, d, generator=torch.Generator().manual_seed(0)), dim=-1)
+    text = F.normalize(torch.randn(20, 1, d, generator=torch.Generator().manual_seed(0)), dim=-1)
     px = pixels(64, b=3)
-    with torch.no_grad():
+    maps = 3 * min(20, max_classes)
+    agg = model.head.aggregator
+    with torch.no_grad(), catseg_model.whole_stack():
         whole = model(px, text)
-    out_conv = model.head.aggregator.out
-    for chunk in (2, 3, 5, 20):  # of 3 x 7 = 21 maps; a last single map joins the chunk before
-        calls = []
-        hook = out_conv.register_forward_hook(lambda m, a, o: calls.append(o.shape[0]))
-        monkeypatch.setattr(catseg_model, "inference_chunk",
-                            lambda rows, row_bytes, device, chunk=chunk: rows if torch.is_grad_enabled() else chunk)
+    # Largest activation per map, fp32: decoder 16x16 positions x 128 channels; spatial 8x8 positions
+    # x max(MLP hidden 64, 2 heads x 16 window tokens).
+    decoder_bytes, spatial_bytes = agg.decoder_row_bytes(8, 8, 4), agg.spatial[0].row_bytes(8, 8, 16, 4)
+    assert (decoder_bytes, spatial_bytes) == (16 * 16 * 128 * 4, 8 * 8 * 64 * 4)
+
+    def expected(per_chunk, least=catseg_model.LEAST_MAPS):
+        per_chunk = min(maps, max(least, per_chunk))
+        chunks = [per_chunk] * (maps // per_chunk) + ([maps % per_chunk] if maps % per_chunk else [])
+        if len(chunks) > 1 and chunks[-1] < least:
+            chunks[-2:] = [chunks[-2] + chunks[-1]]
+        return chunks
+
+    for budget in (5 * spatial_bytes, 16 * spatial_bytes, 25 * spatial_bytes, 18 * decoder_bytes, 2**40):
+        monkeypatch.setattr(catseg_model, "CPU_CHUNK_BYTES", budget)
+        calls = {"decoder": [], "spatial": []}
+        hooks = [agg.out.register_forward_hook(lambda m, a, o: calls["decoder"].append(o.shape[0])),
+                 agg.spatial[0].block1.register_forward_hook(lambda m, a, o: calls["spatial"].append(o.shape[0]))]
         with torch.no_grad():
             got = model(px, text)
-        hook.remove()
-        expected = [chunk] * (21 // chunk) + ([21 % chunk] if 21 % chunk else [])
-        if expected[-1] == 1:
-            expected[-2:] = [chunk + 1]
-        assert calls == expected
-        assert torch.equal(got, whole), f"chunks of {chunk}: max difference {(got - whole).abs().max()}"
+        for h in hooks:
+            h.remove()
+        assert calls["decoder"] == expected(budget // decoder_bytes, catseg_model.LEAST_MAPS_1X1_CONV)
+        assert calls["spatial"] == expected(budget // spatial_bytes)
+        assert torch.equal(got, whole), f"budget {budget}: max difference {(got - whole).abs().max()}"
+    assert len(expected(5)) > 1 and len(expected(16)) > 1  # the first budgets chunk both parts
+    monkeypatch.undo()
     with torch.enable_grad():  # training: one chunk (gradients summed as before), the same logits
         assert torch.equal(model(px, text).detach(), whole)
 
 
 def test_chunk_sizes_fit_the_budget_and_training_keeps_one():
-    from silc_bench.catseg.model import ACCELERATOR_CHUNK_BYTES, CPU_CHUNK_BYTES, inference_chunk
+    from silc_bench.catseg.model import ACCELERATOR_CHUNK_BYTES, CPU_CHUNK_BYTES, maps_per_chunk, row_chunks
 
     with torch.no_grad():
-        assert inference_chunk(750, 2**20, "cpu") == CPU_CHUNK_BYTES // 2**20
-        assert inference_chunk(750, 2**30, "cpu") == 2  # never one map alone (see CPU_CHUNK_BYTES)
-        assert inference_chunk(10, 1, "cpu") == 10
-        assert inference_chunk(1, 2**30, "cpu") == 1
-        assert inference_chunk(2400, 2**20, "cuda:0") == ACCELERATOR_CHUNK_BYTES // 2**20
-    assert inference_chunk(750, 2**20, "cpu") == 750  # gradients on
-    from silc_bench.catseg.model import row_chunks
-
+        assert maps_per_chunk(750, 2**19, "cpu") == CPU_CHUNK_BYTES // 2**19
+        assert maps_per_chunk(750, 2**30, "cpu") == 2  # never one map alone (see CPU_CHUNK_BYTES)
+        assert maps_per_chunk(750, 2**30, "cpu", least=16) == 16
+        assert maps_per_chunk(10, 2**30, "cpu", least=16) == 10
+        assert maps_per_chunk(2400, 2**20, "cuda:0") == ACCELERATOR_CHUNK_BYTES // 2**20
+    assert maps_per_chunk(750, 2**19, "cpu") == 750  # gradients on
     assert [(r.start, r.stop) for r, _ in row_chunks(11, 3, 5, "cpu")] == [(0, 5), (5, 11)]
+    assert [(r.start, r.stop) for r, _ in row_chunks(40, 3, 16, "cpu", least=16)] == [(0, 16), (16, 40)]
+    assert [(r.start, r.stop) for r, _ in row_chunks(48, 3, 16, "cpu", least=16)] == [(0, 16), (16, 32), (32, 48)]
     assert [i.tolist() for _, i in row_chunks(7, 3, 4, "cpu")] == [[0, 0, 0, 1], [1, 1, 2]]
 
 

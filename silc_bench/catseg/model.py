@@ -21,6 +21,7 @@ space) are aggregated; the others get the floor logit -100 (CAT-Seg's fill value
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -125,35 +126,53 @@ def auto_guidance_blocks(depth: int, stages: int) -> list[int]:
 # ------------------------------------------------------------- chunks of (image, class) maps
 # Without gradients, the per-class parts (spatial aggregation, decoder) run over chunks of the
 # B x K (image, class) maps whose largest activation fits these bytes. On a CPU a tensor this small
-# is reused from the allocator's heap, while the whole stack's (1.8 GB per decoder tensor for 5 views
-# of 150 classes) is mapped fresh each time: most of the forward then went into the kernel zeroing
-# pages (benchmarks/catseg_chunks.py: 2x faster, the same logits to the bit). On an accelerator the
-# chunks bound peak memory. Each map is computed alone either way (convolutions, GroupNorm, window
-# attention and linear layers act per map), so the logits do not depend on the chunking
-# (tests/test_catseg_model.py); training keeps one chunk, so its gradients are summed as before.
-# One exception is avoided: for a batch of one small map (at most 20480 input values) PyTorch's CPU
-# convolution takes its native kernel instead of oneDNN's, which rounds differently; so no chunk
-# holds a single map unless there is only one.
+# is reused from the allocator's heap, while the whole stack's (for ViT-B/16, 5 views x 150 classes:
+# 1.8 GB per decoder tensor) is mapped fresh at every forward, and most of the forward went into the
+# kernel zeroing pages (benchmarks/catseg_chunks.py: 2.2x faster, the same logits to the bit). On
+# an accelerator the chunks reduce peak memory. Convolutions, GroupNorm, window attention and
+# linear layers act on each map alone, so on a CPU the logits do not depend on the chunking
+# (tests/test_catseg_model.py), with one rule kept: PyTorch's CPU convolution takes its own kernel
+# instead of oneDNN's for a batch of one small map, and, on one thread, for 1x1 convolutions on
+# batches under 16 (a decoder stage of scale 1, as for patch-8 backbones); that kernel rounds
+# differently. So a chunk never holds fewer maps than those rules allow (a smaller remainder joins
+# the chunk before), and takes oneDNN as the whole stack does. (On a GPU cuDNN may choose another
+# algorithm for another batch size, as it may for any batch.) Training keeps one chunk, so its
+# gradients are summed as before.
 CPU_CHUNK_BYTES = 16 * 2**20
 ACCELERATOR_CHUNK_BYTES = 2**30
+LEAST_MAPS = 2                # no batch of one map
+LEAST_MAPS_1X1_CONV = 16      # no 1x1 convolution on a batch under 16
 
 
-def inference_chunk(rows: int, row_bytes: int, device) -> int:
+def maps_per_chunk(rows: int, row_bytes: int, device, least: int = LEAST_MAPS) -> int:
     """How many (image, class) maps one chunk holds: all of them when gradients are on."""
     if torch.is_grad_enabled():
         return rows
     budget = CPU_CHUNK_BYTES if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_BYTES
-    return min(rows, max(2, budget // max(1, row_bytes)))
+    return min(rows, max(least, budget // max(1, row_bytes)))
 
 
-def row_chunks(rows: int, per_image: int, chunk: int, device):
+def row_chunks(rows: int, per_image: int, chunk: int, device, least: int = LEAST_MAPS):
     """(slice of rows, each row's image index) over image-major rows of `per_image` classes; a last
-    single row joins the chunk before it."""
+    chunk of fewer than `least` rows joins the one before."""
     starts = list(range(0, rows, chunk))
-    if len(starts) > 1 and rows - starts[-1] == 1:
+    if len(starts) > 1 and rows - starts[-1] < least:
         starts.pop()
     for start, stop in zip(starts, starts[1:] + [rows]):
         yield slice(start, stop), torch.arange(start, stop, device=device) // per_image
+
+
+@contextmanager
+def whole_stack():
+    """Inference with every (image, class) map in each tensor, as CAT-Seg's own code runs it (for
+    benchmarks against it; the logits are the same)."""
+    global CPU_CHUNK_BYTES, ACCELERATOR_CHUNK_BYTES
+    saved = CPU_CHUNK_BYTES, ACCELERATOR_CHUNK_BYTES
+    CPU_CHUNK_BYTES = ACCELERATOR_CHUNK_BYTES = 2**62
+    try:
+        yield
+    finally:
+        CPU_CHUNK_BYTES, ACCELERATOR_CHUNK_BYTES = saved
 
 
 # ---------------------------------------------------------------------------- spatial aggregation
@@ -260,8 +279,8 @@ class SpatialAggregation(nn.Module):
         b, c, k, h, w = x.shape
         y = x.permute(0, 2, 3, 4, 1).reshape(b * k, h, w, c)
         g = None if guidance is None else self.guidance_norm(guidance.permute(0, 2, 3, 1))
-        chunk = inference_chunk(b * k, self.row_bytes(h, w, c, y.element_size()), y.device)
-        if chunk >= b * k:
+        chunk = maps_per_chunk(b * k, self.row_bytes(h, w, c, max(4, y.element_size())), y.device)
+        if chunk >= b * k:  # one chunk (always in training): the graph as before, guidance expanded
             if g is not None:
                 g = g[:, None].expand(b, k, h, w, g.shape[-1]).reshape(b * k, h, w, -1)
             y = self.block2(self.block1(y, g), g)
@@ -274,9 +293,11 @@ class SpatialAggregation(nn.Module):
         return y.view(b, k, h, w, c).permute(0, 4, 1, 2, 3)
 
     def row_bytes(self, h: int, w: int, c: int, itemsize: int) -> int:
-        """Bytes of the largest activation per (image, class) map: the MLP's hidden layer."""
+        """Bytes of the largest activation per (image, class) map: the MLP's hidden layer or the
+        attention weights (heads x window tokens per position)."""
         ws = min(self.block1.window, h, w)
-        return math.ceil(h / ws) * ws * math.ceil(w / ws) * ws * self.block1.mlp[0].out_features * itemsize
+        per_position = max(self.block1.mlp[0].out_features, self.block1.attn.heads * ws * ws)
+        return math.ceil(h / ws) * ws * math.ceil(w / ws) * ws * per_position * itemsize
 
 
 # ------------------------------------------------------------------------------ class aggregation
@@ -343,12 +364,16 @@ class UpStage(nn.Module):
             nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.GroupNorm(groups, out_ch), nn.ReLU(),
             nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False), nn.GroupNorm(groups, out_ch), nn.ReLU())
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None, images: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None,
+                images: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, C, h, w]: (image, class) maps; guidance [B, G, H, W], shared by the classes of each
         image; `images`: each row's image (a chunk's rows), or None: all B x K rows, image-major."""
         x = self.up(x)
         if guidance is not None:
             if images is None:
+                if x.shape[0] % guidance.shape[0]:
+                    raise ValueError(f"{x.shape[0]} maps are not the same number of classes for each of "
+                                     f"{guidance.shape[0]} images; pass each map's image")
                 k = x.shape[0] // guidance.shape[0]
                 g = guidance[:, None].expand(guidance.shape[0], k, *guidance.shape[1:]).flatten(0, 1)
             else:
@@ -397,13 +422,14 @@ class Aggregator(nn.Module):
             x = classwise(spatial(x, appearance), text_guidance)
         y = x.transpose(1, 2).flatten(0, 1)  # [B*K, C, h, w]
         guidance = [proj(g) for proj, g in zip(self.decoder_guidance_proj, vit_guidance)]
-        chunk = inference_chunk(b * k, self.decoder_row_bytes(h, w, y.element_size()), y.device)
-        if chunk >= b * k:
+        least = LEAST_MAPS_1X1_CONV if any(s.up.kernel_size == (1, 1) for s in self.decoder) else LEAST_MAPS
+        chunk = maps_per_chunk(b * k, self.decoder_row_bytes(h, w, max(4, y.element_size())), y.device, least)
+        if chunk >= b * k:  # one chunk (always in training): the graph as before, guidance expanded
             for stage, g in zip(self.decoder, guidance):
                 y = stage(y, g)
             return self.out(y).view(b, k, *y.shape[-2:])
         out = []
-        for rows, images in row_chunks(b * k, k, chunk, y.device):
+        for rows, images in row_chunks(b * k, k, chunk, y.device, least):
             z = y[rows]
             for stage, g in zip(self.decoder, guidance):
                 z = stage(z, g, images)
