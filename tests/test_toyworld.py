@@ -89,6 +89,28 @@ def test_world_versions():
     assert tw.PretrainDataset(seed=0, length=4, world=2)[1]["caption"] == tw.render(1, 0, 64, world=2).caption
 
 
+def test_background_mention_changes_captions_only():
+    """`background_mention_p` (pretraining data option) rewrites captions; scenes stay world 2's, so
+    models trained with it are evaluated on the same toyworld_v2 split."""
+    from silc_bench.pretrain.trainer import make_dataset
+
+    named = {0: 0, 1: 0}
+    for i in range(40):
+        base = tw.render(i, 0, 64, world=2)
+        for p in (0.0, 1.0):
+            scene = tw.render(i, 0, 64, world=2, background_mention_p=p)
+            assert np.array_equal(scene.image, base.image) and np.array_equal(scene.labels, base.labels)
+            stuff = {tw.CLASSES[k] for k in np.unique(scene.labels) if k < len(tw.STUFF_CLASSES)}
+            named[int(p)] += all(word in scene.caption for word in stuff)
+            assert p or not any(word in scene.caption for word in stuff)
+    assert named == {0: 0, 1: 40}
+    with pytest.raises(UserError, match="background_mention_p"):
+        tw.PretrainDataset(seed=0, length=4, world=2, background_mention_p=1.5)
+    data = {"kind": "toyworld", "length": 4, "world": 2, "background_mention_p": 1.0}
+    assert make_dataset({"data": data})[2]["caption"] == tw.render(2, 0, 64, world=2, background_mention_p=1.0).caption
+    assert make_dataset({"data": dict(data, background_mention_p=None)})[2]["caption"] == tw.render(2, 0, 64, world=2).caption
+
+
 @pytest.mark.parametrize("size,world", [(64, 1), (96, 1), (64, 2), (96, 2)])
 def test_labels_instances_captions_agree(size, world):
     nst = len(tw.STUFF_CLASSES)

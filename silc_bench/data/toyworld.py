@@ -20,6 +20,7 @@ a scene, whatever seeds they use.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -94,6 +95,16 @@ def get_world(version) -> World:
     if int(version) not in WORLDS:
         raise UserError(f"unknown toy world version {version!r}", fix=f"use one of {sorted(WORLDS)}")
     return WORLDS[int(version)]
+
+
+def with_background_mention(world: World, p: float | None) -> World:
+    """`world` with captions naming the background with probability `p` (None: the world's own)."""
+    if p is None:
+        return world
+    if not 0.0 <= float(p) <= 1.0:
+        raise UserError(f"background_mention_p must be a probability in [0, 1], got {p!r}",
+                        fix="set data.background_mention_p between 0 and 1, or leave it out")
+    return dataclasses.replace(world, stuff_mention_p=float(p))
 
 STREAMS = {"pretrain": 1, "train": 2, "validation": 3, "tokenizer": 4}
 ADE_SPLIT_STREAM = {"training": "train", "validation": "validation"}
@@ -324,9 +335,12 @@ def compose_caption(rng, things: list[tuple[int, str]], stuff: list[int], world:
 
 # ---- scenes -------------------------------------------------------------------------------
 def render(index: int, seed: int = 0, size: int = 64, split: str = "pretrain", *,
-           max_objects: int | None = None, world: int = DEFAULT_WORLD) -> Scene:
-    """Scene `index` of stream (`split`, `seed`) of world version `world`: deterministic, no global RNG."""
-    w = get_world(world)
+           max_objects: int | None = None, world: int = DEFAULT_WORLD,
+           background_mention_p: float | None = None) -> Scene:
+    """Scene `index` of stream (`split`, `seed`) of world version `world`: deterministic, no global RNG.
+    `background_mention_p` overrides the world's chance that the caption names the background; the
+    caption is composed last, so image and labels are the same whatever it is."""
+    w = with_background_mention(get_world(world), background_mention_p)
     rng = _rng(split, seed, index)
     x, y = _grid(size)
     nst = NUM_CLASSES - len(THING_CLASSES)
@@ -436,9 +450,12 @@ def render(index: int, seed: int = 0, size: int = 64, split: str = "pretrain", *
 class PretrainDataset(Dataset):
     """Image-caption pairs rendered on the fly; item i is always the same scene (resumable)."""
 
-    def __init__(self, seed: int, length: int, size: int = 64, split: str = "pretrain", world: int = DEFAULT_WORLD):
+    def __init__(self, seed: int, length: int, size: int = 64, split: str = "pretrain", world: int = DEFAULT_WORLD,
+                 background_mention_p: float | None = None):
         _rng(split, seed, 0)  # validates split and seed
         self.world = get_world(world).version
+        with_background_mention(get_world(world), background_mention_p)  # validates it
+        self.background_mention_p = background_mention_p
         self.seed, self.length, self.size, self.split = int(seed), int(length), int(size), split
 
     def __len__(self) -> int:
@@ -447,7 +464,8 @@ class PretrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        scene = render(index, self.seed, self.size, self.split, world=self.world)
+        scene = render(index, self.seed, self.size, self.split, world=self.world,
+                       background_mention_p=self.background_mention_p)
         return {"image": torch.from_numpy(scene.image).permute(2, 0, 1).contiguous(), "caption": scene.caption}
 
 

@@ -98,7 +98,8 @@ def make_dataset(cfg: dict):
         from silc_bench.data.toyworld import DEFAULT_WORLD, PretrainDataset
 
         return PretrainDataset(seed=data.get("seed", 0), length=data.get("length", 100_000), size=data.get("size", 64),
-                               world=data.get("world", DEFAULT_WORLD))
+                               world=data.get("world", DEFAULT_WORLD),
+                               background_mention_p=data.get("background_mention_p"))
     raise UserError(f"no pretraining reader for data kind {data.get('kind')!r} (WebLI is not public)",
                     fix="use data: {kind: toyworld, ...} (configs/pretrain/toy_*.yaml) or add a reader here")
 
