@@ -1,6 +1,5 @@
 """Table 1 harnesses (zs-cls, fewshot, retrieval) against independent computations, their readers
 on fixtures in the release layouts, and corpus-level records that do not depend on sharding."""
-import json
 import os
 import pickle
 import socket

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from silc_bench.errors import UserError
-from silc_bench.paths import CONFIGS_DIR, PAPER_DIR, RESULTS_DIR
+from silc_bench.paths import CONFIGS_DIR, PAPER_DIR
 from silc_bench.results.record import atomic_write_text, read_record
 
 TABLES_CONFIG = CONFIGS_DIR / "paper_tables.yaml"
