@@ -6,7 +6,8 @@
 For each (variant, seed): pretrain `configs/pretrain/toy_<variant>.yaml` (world 2:
 `toy_<variant>_w2.yaml`) with that seed into `<runs>/<variant>_s<seed>` (skipped when its
 model.npz exists; an interrupted run resumes), run `zs-seg` on `toyworld` (world 2:
-`toyworld_v2`), and write `<out>/table.md` with one row per variant. An experiment, not
+`toyworld_v2`), and write `<out>/table.md`: mIoU, then the stuff and the thing classes' mean IoU,
+one row per variant (with two variants, also their same-seed difference). An experiment, not
 part of the library: it drives the public command line (`silc-bench pretrain`) and runner API.
 """
 from __future__ import annotations

@@ -161,6 +161,7 @@ def test_chunks_of_class_maps_give_the_same_logits_to_the_bit(tiny_config, monke
 
 
 def test_chunk_sizes_fit_the_budget_and_training_keeps_one():
+    from silc_bench.catseg import model as catseg_model
     from silc_bench.catseg.model import ACCELERATOR_CHUNK_BYTES, CPU_CHUNK_BYTES, maps_per_chunk, row_chunks
 
     with torch.no_grad():
@@ -170,6 +171,10 @@ def test_chunk_sizes_fit_the_budget_and_training_keeps_one():
         assert maps_per_chunk(10, 2**30, "cpu", least=16) == 10
         assert maps_per_chunk(2400, 2**20, "cuda:0") == ACCELERATOR_CHUNK_BYTES // 2**20
     assert maps_per_chunk(750, 2**19, "cpu") == 750  # gradients on
+    with torch.no_grad(), catseg_model.whole_stack():  # CAT-Seg's own forward, for benchmarks
+        assert maps_per_chunk(750, 2**30, "cpu") == 750
+        assert maps_per_chunk(2400, 2**30, "cuda:0") == 2400
+    assert catseg_model.CPU_CHUNK_BYTES == CPU_CHUNK_BYTES  # restored
     assert [(r.start, r.stop) for r, _ in row_chunks(11, 3, 5, "cpu")] == [(0, 5), (5, 11)]
     assert [(r.start, r.stop) for r, _ in row_chunks(40, 3, 16, "cpu", least=16)] == [(0, 16), (16, 40)]
     assert [(r.start, r.stop) for r, _ in row_chunks(48, 3, 16, "cpu", least=16)] == [(0, 16), (16, 32), (32, 48)]

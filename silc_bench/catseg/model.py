@@ -128,7 +128,7 @@ def auto_guidance_blocks(depth: int, stages: int) -> list[int]:
 # B x K (image, class) maps whose largest activation fits these bytes. On a CPU a tensor this small
 # is reused from the allocator's heap, while the whole stack's (for ViT-B/16, 5 views x 150 classes:
 # 1.8 GB per decoder tensor) is mapped fresh at every forward, and most of the forward went into the
-# kernel zeroing pages (benchmarks/catseg_chunks.py: 2.2x faster, the same logits to the bit). On
+# kernel zeroing pages (benchmarks/catseg_chunks.py: about 2x faster, the same logits to the bit). On
 # an accelerator the chunks reduce peak memory. Convolutions, GroupNorm, window attention and
 # linear layers act on each map alone, so on a CPU the logits do not depend on the chunking
 # (tests/test_catseg_model.py), with one rule kept: PyTorch's CPU convolution takes its own kernel
