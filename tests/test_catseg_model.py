@@ -132,7 +132,7 @@ def test_chunks_of_class_maps_give_the_same_logits_to_the_bit(tiny_config, monke
         whole = model(px, text)
     # Largest activation per map, fp32: decoder 16x16 positions x 128 channels; spatial 8x8 positions
     # x max(MLP hidden 64, 2 heads x 16 window tokens).
-    decoder_bytes, spatial_bytes = agg.decoder_row_bytes(8, 8, 4), agg.spatial[0].row_bytes(8, 8, 16, 4)
+    decoder_bytes, spatial_bytes = agg.decoder_row_bytes(8, 8, 4), agg.spatial[0].row_bytes(8, 8, 4)
     assert (decoder_bytes, spatial_bytes) == (16 * 16 * 128 * 4, 8 * 8 * 64 * 4)
 
     def expected(per_chunk, least=catseg_model.LEAST_MAPS):

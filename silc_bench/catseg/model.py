@@ -279,7 +279,7 @@ class SpatialAggregation(nn.Module):
         b, c, k, h, w = x.shape
         y = x.permute(0, 2, 3, 4, 1).reshape(b * k, h, w, c)
         g = None if guidance is None else self.guidance_norm(guidance.permute(0, 2, 3, 1))
-        chunk = maps_per_chunk(b * k, self.row_bytes(h, w, c, max(4, y.element_size())), y.device)
+        chunk = maps_per_chunk(b * k, self.row_bytes(h, w, max(4, y.element_size())), y.device)
         if chunk >= b * k:  # one chunk (always in training): the graph as before, guidance expanded
             if g is not None:
                 g = g[:, None].expand(b, k, h, w, g.shape[-1]).reshape(b * k, h, w, -1)
@@ -292,7 +292,7 @@ class SpatialAggregation(nn.Module):
             y = torch.cat(parts)
         return y.view(b, k, h, w, c).permute(0, 4, 1, 2, 3)
 
-    def row_bytes(self, h: int, w: int, c: int, itemsize: int) -> int:
+    def row_bytes(self, h: int, w: int, itemsize: int) -> int:
         """Bytes of the largest activation per (image, class) map: the MLP's hidden layer or the
         attention weights (heads x window tokens per position)."""
         ws = min(self.block1.window, h, w)

@@ -106,6 +106,7 @@ def with_background_mention(world: World, p: float | None) -> World:
                         fix="set data.background_mention_p between 0 and 1, or leave it out")
     return dataclasses.replace(world, stuff_mention_p=float(p))
 
+
 STREAMS = {"pretrain": 1, "train": 2, "validation": 3, "tokenizer": 4}
 ADE_SPLIT_STREAM = {"training": "train", "validation": "validation"}
 COCO_SPLIT_STREAM = {"train": "train", "val": "validation"}
