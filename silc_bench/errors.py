@@ -14,5 +14,6 @@ class UserError(Exception):
         if fix:
             parts.append(f"fix: {fix}")
         super().__init__("\n  ".join(parts))
+        self.message = message
         self.path = path
         self.fix = fix

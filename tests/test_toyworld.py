@@ -107,6 +107,8 @@ def test_background_mention_changes_captions_only():
     with pytest.raises(UserError, match="background_mention_p"):
         tw.PretrainDataset(seed=0, length=4, world=2, background_mention_p=1.5)
     data = {"kind": "toyworld", "length": 4, "world": 2, "background_mention_p": 1.0}
+    with pytest.raises(UserError, match=r"background_mention_p[\s\S]*file: recipe.yaml"):
+        make_dataset({"data": dict(data, background_mention_p=-0.5), "_config_path": "recipe.yaml"})
     assert make_dataset({"data": data})[2]["caption"] == tw.render(2, 0, 64, world=2, background_mention_p=1.0).caption
     assert make_dataset({"data": dict(data, background_mention_p=None)})[2]["caption"] == tw.render(2, 0, 64, world=2).caption
 

@@ -93,14 +93,19 @@ def _resolve_file(name: str, cfg: dict) -> Path:
 
 
 def make_dataset(cfg: dict):
-    data = cfg["data"]
+    data, path = cfg["data"], cfg.get("_config_path")
     if data.get("kind") == "toyworld":
         from silc_bench.data.toyworld import DEFAULT_WORLD, PretrainDataset
 
-        return PretrainDataset(seed=data.get("seed", 0), length=data.get("length", 100_000), size=data.get("size", 64),
-                               world=data.get("world", DEFAULT_WORLD),
-                               background_mention_p=data.get("background_mention_p"))
-    raise UserError(f"no pretraining reader for data kind {data.get('kind')!r} (WebLI is not public)",
+        try:
+            return PretrainDataset(seed=data.get("seed", 0), length=data.get("length", 100_000),
+                                   size=data.get("size", 64), world=data.get("world", DEFAULT_WORLD),
+                                   background_mention_p=data.get("background_mention_p"))
+        except UserError as e:  # a bad `data` setting: name the recipe it came from
+            if e.path is not None:
+                raise
+            raise UserError(e.message, path=path, fix=e.fix) from None
+    raise UserError(f"no pretraining reader for data kind {data.get('kind')!r} (WebLI is not public)", path=path,
                     fix="use data: {kind: toyworld, ...} (configs/pretrain/toy_*.yaml) or add a reader here")
 
 
