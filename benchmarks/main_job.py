@@ -2,7 +2,7 @@
 
     python benchmarks/main_job.py            # prints seconds for: generate + evaluate, then evaluate again (cached)
 
-Runs `silc-bench run zs-seg --model toy-clip,toy-silc-c --datasets toyworld` as a user would (a
+Runs `silc-bench run zs-seg --model toy-clip-w2,toy-silc-c-w2 --datasets toyworld_v2` as a user would (a
 subprocess, CLI defaults) in a temporary folder, so the toy split is generated as on a fresh
 machine; the second run finds every record and only prints the table. The install step of the
 README's command is not timed (it depends on the network and pip's cache).
@@ -25,8 +25,8 @@ def timed(cmd: list[str], cwd: Path) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="toy-clip,toy-silc-c")
-    ap.add_argument("--datasets", default="toyworld")
+    ap.add_argument("--models", default="toy-clip-w2,toy-silc-c-w2")
+    ap.add_argument("--datasets", default="toyworld_v2")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -1,0 +1,40 @@
+"""The bundled toy checkpoints agree with the recipe their registry entry names and with the CI
+baseline: a swapped file, a recipe edited after the fact, or a baseline row for the wrong world
+fails here, before the regression gate's numbers are read."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shlex
+
+from silc_bench import registry
+from silc_bench.paths import PROJECT_DIR, RESULTS_DIR
+from silc_bench.pretrain.trainer import load_config
+
+
+def held_settings_differ(saved, recipe, where=""):
+    """Paths where the saved config disagrees with the recipe; keys the sidecar lacks (settings
+    added after it was written, at their defaults) are not compared."""
+    if isinstance(saved, dict) and isinstance(recipe, dict):
+        return [p for k, v in saved.items() for p in held_settings_differ(v, recipe.get(k), f"{where}.{k}")]
+    return [] if saved == recipe else [where]
+
+
+def test_bundled_toy_models_match_their_recipe_and_the_ci_baseline():
+    with open(RESULTS_DIR / "baselines" / "toy.csv", newline="") as f:
+        baseline = list(csv.DictReader(f))
+    toys = {name: entry for name, entry in registry.models().items() if name.startswith("toy-")}
+    assert {"toy-clip", "toy-silc-c", "toy-clip-w2", "toy-silc-c-w2"} <= set(toys)
+    for name, entry in toys.items():
+        npz = PROJECT_DIR / entry["bundled"]
+        words = shlex.split(entry["release"])
+        recipe = load_config(PROJECT_DIR / words[words.index("--config") + 1],
+                             {"train": {"seed": int(words[words.index("--seed") + 1])}})
+        saved = json.loads(npz.with_name(npz.name.replace(".npz", ".config.json")).read_text())
+        assert held_settings_differ(saved, json.loads(json.dumps(recipe))) == [], name
+        world = recipe["data"].get("world", 1)
+        rows = [r for r in baseline if r["model"] == name]
+        assert {r["dataset"] for r in rows} == {"toyworld" if world == 1 else f"toyworld_v{world}"}, name
+        assert {r["checkpoint_sha256"] for r in rows} == {hashlib.sha256(npz.read_bytes()).hexdigest()}, name
+        assert {r["metric"] for r in rows} >= {"mIoU"}, name
