@@ -27,7 +27,7 @@ toy_seeds = _experiment("toy_seeds")
 summarise = toy_seeds.summarise
 
 
-@pytest.mark.parametrize("script", ["toy_seeds.py", "catseg_toy_demo.py"])
+@pytest.mark.parametrize("script", ["toy_seeds.py", "catseg_toy_demo.py", "toy_confusion.py"])
 def test_experiments_run_as_scripts(script, tmp_path):
     """`python experiments/X.py --help` works from any folder, as a plain script (no `-m`)."""
     proc = subprocess.run([sys.executable, str(EXPERIMENTS / script), "--help"], cwd=tmp_path,
@@ -67,3 +67,28 @@ def test_dataset_protocol_overrides_apply_to_their_task_only():
     ov = protocol_for(registry.task_spec("ov-seg"), _Dataset(), None)
     assert (ov["out_res"], ov["crop"], ov["stride"], ov["resize_short"]) == (96, 64, 32, None)
     assert "short_side" not in ov
+
+
+def test_confusion_sorts_every_pixel_into_one_outcome():
+    """Thing pixels: own / same grid row / other thing present / thing absent / stuff; stuff pixels:
+    own / other stuff / thing present / thing absent. Each outcome built once, by class name."""
+    import numpy as np
+
+    from silc_bench.data.toyworld import CLASSES, THING_STYLE, THING_STYLE_V2
+
+    confusion = _experiment("toy_confusion")
+    c = {name: i for i, name in enumerate(CLASSES)}
+    # grid rows: ball/drum/cookie/clock (red in world 2, disks in world 1); box/book/... the next row
+    label = np.array([[c["ball"], c["ball"], c["ball"], c["ball"], c["ball"], c["grass"], c["grass"], c["grass"], c["grass"]],
+                      [c["box"], c["grass"], 255, c["sky"], c["sky"], c["sky"], c["sky"], c["sky"], c["sky"]]])
+    pred = np.array([[c["ball"], c["drum"], c["box"], c["kite"], c["sand"], c["grass"], c["sand"], c["box"], c["kite"]],
+                     [c["box"], c["grass"], c["kite"], c["sky"], c["sky"], c["sky"], c["sky"], c["sky"], c["sky"]]])
+    counts = {"thing": np.zeros(5), "stuff": np.zeros(4)}
+    things = np.array([name not in ("grass", "sand", "water", "brick", "sky", "snow") for name in CLASSES])
+    confusion.tally(label, pred, confusion.grid_rows(), things, counts)
+    assert counts["thing"].tolist() == [2, 1, 1, 1, 1]     # ball+box right; drum; box; kite; sand
+    assert counts["stuff"].tolist() == [8, 1, 1, 1]        # grass, 6 sky, grass; sand; box; kite (255 skipped)
+    rows = confusion.grid_rows()
+    assert rows[c["drum"]] == rows[c["ball"]] != rows[c["box"]] and rows[c["grass"]] == -1
+    assert {THING_STYLE_V2[n][0] for n in CLASSES if rows[c[n]] == rows[c["ball"]]} == {"red"}
+    assert {THING_STYLE[n][0] for n in CLASSES if rows[c[n]] == rows[c["ball"]]} == {"disk"}

@@ -1,0 +1,96 @@
+"""Where the toy world's pixels go under zero-shot segmentation: for every thing pixel, was it called
+its own class, a thing of the same colour (world 2: the class's grid row), another thing that is in
+the picture, a thing that is not, or a stuff class; for every stuff pixel, its own stuff, other
+stuff, a thing in the picture, or a thing that is not. It separates the failures that mIoU mixes:
+a pattern the features miss, context leaking into patches, and stuff against things.
+
+    silc-bench run zs-seg --model toy-clip-w2,toy-silc-c-w2 --datasets toyworld_v2 --save-predictions --out OUT
+    python experiments/toy_confusion.py --records OUT --data-root DATA [--dataset toyworld_v2]
+
+Reads the records' saved predictions (`<record>.predictions/*.png`) and the split's labels.
+An experiment, not part of the library.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's silc_bench, installed or not
+
+from silc_bench import registry  # noqa: E402
+from silc_bench.data.toyworld import CLASSES, PATTERNS, STUFF_CLASSES, THING_CLASSES  # noqa: E402
+from silc_bench.results.record import read_record  # noqa: E402
+
+THING_OUTCOMES = ("own class", "same colour (world 2) / shape (world 1)", "other thing in the picture",
+                  "thing not in the picture", "stuff")
+STUFF_OUTCOMES = ("own class", "other stuff", "thing in the picture", "thing not in the picture")
+
+
+def grid_rows() -> np.ndarray:
+    """Per class id: the thing's row in the class grid (its colour in world 2, its shape in world 1:
+    the rows are the same in both); -1 for stuff."""
+    return np.array([-1 if name in STUFF_CLASSES else THING_CLASSES.index(name) // len(PATTERNS) for name in CLASSES])
+
+
+def tally(label: np.ndarray, pred: np.ndarray, group: np.ndarray, things: np.ndarray,
+          counts: dict[str, np.ndarray]) -> None:
+    """Add one image's pixels to `counts` (label and pred: class ids, 255 ignored)."""
+    keep = label != 255
+    label, pred = label[keep].astype(np.int64), pred[keep].astype(np.int64)
+    present = np.zeros(len(CLASSES), bool)
+    present[np.unique(label)] = True
+    pred_thing, label_thing = things[pred], things[label]
+    right = pred == label
+    in_picture = present[pred] & ~right
+    t = label_thing
+    counts["thing"] += [np.sum(t & right),
+                        np.sum(t & ~right & pred_thing & (group[pred] == group[label])),
+                        np.sum(t & pred_thing & in_picture & (group[pred] != group[label])),
+                        np.sum(t & pred_thing & ~present[pred] & (group[pred] != group[label])),
+                        np.sum(t & ~pred_thing)]
+    s = ~label_thing
+    counts["stuff"] += [np.sum(s & right), np.sum(s & ~right & ~pred_thing),
+                        np.sum(s & pred_thing & in_picture), np.sum(s & pred_thing & ~present[pred])]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python experiments/toy_confusion.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", required=True, help="the --out folder of a `run zs-seg --save-predictions`")
+    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--dataset", default="toyworld_v2")
+    args = ap.parse_args(argv)
+    entry = registry.dataset_entry(args.dataset)
+    labels_dir = (Path(args.data_root) / entry["root"] / entry["labels"]).parent
+    group, things = grid_rows(), np.array([name not in STUFF_CLASSES for name in CLASSES])
+    print(f"| {args.dataset}, share of pixels (%) | thing pixels: " + " | ".join(THING_OUTCOMES)
+          + " | stuff pixels: " + " | ".join(STUFF_OUTCOMES) + " |")
+    print("|---|" + "---:|" * (len(THING_OUTCOMES) + len(STUFF_OUTCOMES)))
+    found = sorted(Path(args.records).glob(f"zs-seg/*/{args.dataset}.json"))
+    if not found:
+        print(f"no zs-seg records of {args.dataset} under {args.records}", file=sys.stderr)
+        return 2
+    for record_file in found:
+        record = read_record(record_file)
+        pred_dir = record_file.with_name(record_file.stem + ".predictions")
+        if not pred_dir.is_dir():
+            print(f"{record_file}: no saved predictions; rerun with --save-predictions", file=sys.stderr)
+            return 2
+        counts = {"thing": np.zeros(len(THING_OUTCOMES)), "stuff": np.zeros(len(STUFF_OUTCOMES))}
+        for pred_file in sorted(pred_dir.glob("*.png")):
+            label = np.asarray(Image.open(labels_dir / pred_file.name)).astype(np.int64)
+            label = np.where((label == 0) | (label == 255), 255, label - 1)  # ADE: class k stored as k + 1
+            tally(label, np.asarray(Image.open(pred_file)), group, things, counts)
+        shares = [100 * counts[k] / counts[k].sum() for k in ("thing", "stuff")]
+        name = f"{record_file.parent.name} (sha256 {record['model']['sha256'][:12]})"
+        print(f"| {name} | " + " | ".join(f"{x:.1f}" for x in shares[0]) + " | "
+              + " | ".join(f"{x:.1f}" for x in shares[1]) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
