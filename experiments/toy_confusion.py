@@ -1,11 +1,11 @@
 """Where the toy world's pixels go under zero-shot segmentation: for every thing pixel, was it called
-its own class, a thing of the same colour (world 2: the class's grid row), another thing that is in
-the picture, a thing that is not, or a stuff class; for every stuff pixel, its own stuff, other
-stuff, a thing in the picture, or a thing that is not. It separates the failures that mIoU mixes:
+its own class, a thing of the same colour (world 2; the same shape in world 1), a thing of another
+colour that is in the picture, a thing that is not, or a stuff class; for every stuff pixel, its
+own stuff, other stuff, a thing in the picture, or a thing that is not. It separates the failures that mIoU mixes:
 a pattern the features miss, context leaking into patches, and stuff against things.
 
-    silc-bench run zs-seg --model toy-clip-w2,toy-silc-c-w2 --datasets toyworld_v2 --save-predictions --out OUT
-    python experiments/toy_confusion.py --records OUT --data-root DATA [--dataset toyworld_v2]
+    silc-bench run zs-seg --model toy-clip-w2,toy-silc-c-w2 --datasets toyworld_v2 --save-predictions --out OUT [--data-root DATA]
+    python experiments/toy_confusion.py --records OUT [--data-root DATA] [--dataset toyworld_v2]
 
 Reads the records' saved predictions (`<record>.predictions/*.png`) and the split's labels.
 An experiment, not part of the library.
@@ -23,50 +23,67 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 from silc_bench import registry  # noqa: E402
 from silc_bench.data.toyworld import CLASSES, PATTERNS, STUFF_CLASSES, THING_CLASSES  # noqa: E402
+from silc_bench.paths import data_root  # noqa: E402
 from silc_bench.results.record import read_record  # noqa: E402
 
-THING_OUTCOMES = ("own class", "same colour (world 2) / shape (world 1)", "other thing in the picture",
-                  "thing not in the picture", "stuff")
+# Checked in this order, so each pixel lands in the first outcome that fits it.
+THING_OUTCOMES = ("own class", "thing of the same colour (world 2) / shape (world 1)",
+                  "thing of another colour / shape in the picture", "thing not in the picture", "stuff")
 STUFF_OUTCOMES = ("own class", "other stuff", "thing in the picture", "thing not in the picture")
+IS_THING_CLASS = np.array([name not in STUFF_CLASSES for name in CLASSES])
 
 
 def grid_rows() -> np.ndarray:
-    """Per class id: the thing's row in the class grid (its colour in world 2, its shape in world 1:
-    the rows are the same in both); -1 for stuff."""
+    """Per class id: the thing's row in the class grid, which is its colour in world 2 and its shape
+    in world 1 (the same rows in both); -1 for stuff."""
     return np.array([-1 if name in STUFF_CLASSES else THING_CLASSES.index(name) // len(PATTERNS) for name in CLASSES])
 
 
-def tally(label: np.ndarray, pred: np.ndarray, group: np.ndarray, things: np.ndarray,
-          counts: dict[str, np.ndarray]) -> None:
+def decode_labels(png: np.ndarray, entry: dict) -> np.ndarray:
+    """Class ids from a label PNG in the dataset's encoding (ADE's: class k stored as k + 1, 0 unlabelled)."""
+    label = png.astype(np.int64)
+    ignore = label == int(entry["ignore_index"])
+    if entry.get("reduce_zero_label"):
+        ignore |= label == 0
+        label = label - 1
+    return np.where(ignore, 255, label)
+
+
+def tally(label: np.ndarray, pred: np.ndarray, counts: dict[str, np.ndarray]) -> None:
     """Add one image's pixels to `counts` (label and pred: class ids, 255 ignored)."""
     keep = label != 255
     label, pred = label[keep].astype(np.int64), pred[keep].astype(np.int64)
+    rows = grid_rows()
     present = np.zeros(len(CLASSES), bool)
     present[np.unique(label)] = True
-    pred_thing, label_thing = things[pred], things[label]
     right = pred == label
-    in_picture = present[pred] & ~right
-    t = label_thing
-    counts["thing"] += [np.sum(t & right),
-                        np.sum(t & ~right & pred_thing & (group[pred] == group[label])),
-                        np.sum(t & pred_thing & in_picture & (group[pred] != group[label])),
-                        np.sum(t & pred_thing & ~present[pred] & (group[pred] != group[label])),
-                        np.sum(t & ~pred_thing)]
-    s = ~label_thing
-    counts["stuff"] += [np.sum(s & right), np.sum(s & ~right & ~pred_thing),
-                        np.sum(s & pred_thing & in_picture), np.sum(s & pred_thing & ~present[pred])]
+    thing_label, thing_pred = IS_THING_CLASS[label], IS_THING_CLASS[pred]
+    same_row = rows[pred] == rows[label]
+    counts["thing"] += [np.sum(thing_label & right),
+                        np.sum(thing_label & thing_pred & ~right & same_row),
+                        np.sum(thing_label & thing_pred & ~same_row & present[pred]),
+                        np.sum(thing_label & thing_pred & ~same_row & ~present[pred]),
+                        np.sum(thing_label & ~thing_pred)]
+    stuff_label = ~thing_label
+    counts["stuff"] += [np.sum(stuff_label & right), np.sum(stuff_label & ~right & ~thing_pred),
+                        np.sum(stuff_label & thing_pred & present[pred]),
+                        np.sum(stuff_label & thing_pred & ~present[pred])]
+
+
+def toy_datasets() -> list[str]:
+    return sorted(name for name, entry in registry.datasets().items()
+                  if entry.get("generate") == "toyworld" and "labels" in entry)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python experiments/toy_confusion.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", required=True, help="the --out folder of a `run zs-seg --save-predictions`")
-    ap.add_argument("--data-root", required=True)
-    ap.add_argument("--dataset", default="toyworld_v2")
+    ap.add_argument("--data-root", help="as given to that run (default: $SILC_BENCH_DATA, else ~/data)")
+    ap.add_argument("--dataset", default="toyworld_v2", choices=toy_datasets())
     args = ap.parse_args(argv)
     entry = registry.dataset_entry(args.dataset)
-    labels_dir = (Path(args.data_root) / entry["root"] / entry["labels"]).parent
-    group, things = grid_rows(), np.array([name not in STUFF_CLASSES for name in CLASSES])
+    labels_dir = (data_root(args.data_root) / entry["root"] / entry["labels"]).parent
     print(f"| {args.dataset}, share of pixels (%) | thing pixels: " + " | ".join(THING_OUTCOMES)
           + " | stuff pixels: " + " | ".join(STUFF_OUTCOMES) + " |")
     print("|---|" + "---:|" * (len(THING_OUTCOMES) + len(STUFF_OUTCOMES)))
@@ -82,9 +99,8 @@ def main(argv=None) -> int:
             return 2
         counts = {"thing": np.zeros(len(THING_OUTCOMES)), "stuff": np.zeros(len(STUFF_OUTCOMES))}
         for pred_file in sorted(pred_dir.glob("*.png")):
-            label = np.asarray(Image.open(labels_dir / pred_file.name)).astype(np.int64)
-            label = np.where((label == 0) | (label == 255), 255, label - 1)  # ADE: class k stored as k + 1
-            tally(label, np.asarray(Image.open(pred_file)), group, things, counts)
+            label = decode_labels(np.asarray(Image.open(labels_dir / pred_file.name)), entry)
+            tally(label, np.asarray(Image.open(pred_file)), counts)
         shares = [100 * counts[k] / counts[k].sum() for k in ("thing", "stuff")]
         name = f"{record_file.parent.name} (sha256 {record['model']['sha256'][:12]})"
         print(f"| {name} | " + " | ".join(f"{x:.1f}" for x in shares[0]) + " | "

@@ -1,6 +1,7 @@
 """The bundled toy checkpoints agree with the recipe their registry entry names and with the CI
-baseline: a swapped file, a recipe edited after the fact, or a baseline row for the wrong world
-fails here, before the regression gate's numbers are read."""
+baselines: a swapped file, a recipe edited after the fact, or a baseline row for the wrong world
+fails here, before the regression gate's numbers are read. The README's main job, its benchmark and
+the CI gate name the same models."""
 from __future__ import annotations
 
 import csv
@@ -13,17 +14,19 @@ from silc_bench.paths import PROJECT_DIR, RESULTS_DIR
 from silc_bench.pretrain.trainer import load_config
 
 
-def held_settings_differ(saved, recipe, where=""):
+def differing_settings(saved, recipe, where=""):
     """Paths where the saved config disagrees with the recipe; keys the sidecar lacks (settings
     added after it was written, at their defaults) are not compared."""
     if isinstance(saved, dict) and isinstance(recipe, dict):
-        return [p for k, v in saved.items() for p in held_settings_differ(v, recipe.get(k), f"{where}.{k}")]
+        return [p for k, v in saved.items() for p in differing_settings(v, recipe.get(k), f"{where}.{k}")]
     return [] if saved == recipe else [where]
 
 
 def test_bundled_toy_models_match_their_recipe_and_the_ci_baseline():
-    with open(RESULTS_DIR / "baselines" / "toy.csv", newline="") as f:
-        baseline = list(csv.DictReader(f))
+    baseline = []
+    for name in ("toy.csv", "toy_w1.csv"):  # the main job's world 2, and world 1
+        with open(RESULTS_DIR / "baselines" / name, newline="") as f:
+            baseline += list(csv.DictReader(f))
     toys = {name: entry for name, entry in registry.models().items() if name.startswith("toy-")}
     assert {"toy-clip", "toy-silc-c", "toy-clip-w2", "toy-silc-c-w2"} <= set(toys)
     for name, entry in toys.items():
@@ -32,9 +35,21 @@ def test_bundled_toy_models_match_their_recipe_and_the_ci_baseline():
         recipe = load_config(PROJECT_DIR / words[words.index("--config") + 1],
                              {"train": {"seed": int(words[words.index("--seed") + 1])}})
         saved = json.loads(npz.with_name(npz.name.replace(".npz", ".config.json")).read_text())
-        assert held_settings_differ(saved, json.loads(json.dumps(recipe))) == [], name
+        assert differing_settings(saved, json.loads(json.dumps(recipe))) == [], name
         world = recipe["data"].get("world", 1)
         rows = [r for r in baseline if r["model"] == name]
         assert {r["dataset"] for r in rows} == {"toyworld" if world == 1 else f"toyworld_v{world}"}, name
         assert {r["checkpoint_sha256"] for r in rows} == {hashlib.sha256(npz.read_bytes()).hexdigest()}, name
         assert {r["metric"] for r in rows} >= {"mIoU"}, name
+
+
+def test_main_job_is_the_same_everywhere():
+    main_job = "silc-bench run zs-seg --model toy-clip-w2,toy-silc-c-w2 --datasets toyworld_v2"
+    readme = (PROJECT_DIR / "README.md").read_text()
+    assert readme.split("```bash\n", 1)[1].splitlines()[0] == "pip install -e . && " + main_job
+    assert main_job in (PROJECT_DIR / ".ci" / "run").read_text()
+    bench = (PROJECT_DIR / "benchmarks" / "main_job.py").read_text()
+    assert 'default="toy-clip-w2,toy-silc-c-w2"' in bench and 'default="toyworld_v2"' in bench
+    with open(RESULTS_DIR / "baselines" / "toy.csv", newline="") as f:
+        assert {(r["model"], r["dataset"]) for r in csv.DictReader(f)} == {
+            ("toy-clip-w2", "toyworld_v2"), ("toy-silc-c-w2", "toyworld_v2")}

@@ -1,11 +1,13 @@
 """Small pieces of the toy experiments (experiments/*.py): seen/unseen means, the seed summary, and
 per-task dataset protocol overrides; the experiments run from a checkout as plain scripts."""
 import importlib.util
+import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from silc_bench import registry
@@ -70,25 +72,55 @@ def test_dataset_protocol_overrides_apply_to_their_task_only():
 
 
 def test_confusion_sorts_every_pixel_into_one_outcome():
-    """Thing pixels: own / same grid row / other thing present / thing absent / stuff; stuff pixels:
-    own / other stuff / thing present / thing absent. Each outcome built once, by class name."""
-    import numpy as np
-
-    from silc_bench.data.toyworld import CLASSES, THING_STYLE, THING_STYLE_V2
+    """Thing pixels: own / same grid row / another row's thing in the picture / thing absent / stuff;
+    stuff pixels: own / other stuff / thing in the picture / thing absent. Each outcome built by name."""
+    from silc_bench.data.toyworld import CLASSES, STUFF_CLASSES, THING_CLASSES, THING_STYLE, THING_STYLE_V2
 
     confusion = _experiment("toy_confusion")
     c = {name: i for i, name in enumerate(CLASSES)}
-    # grid rows: ball/drum/cookie/clock (red in world 2, disks in world 1); box/book/... the next row
-    label = np.array([[c["ball"], c["ball"], c["ball"], c["ball"], c["ball"], c["grass"], c["grass"], c["grass"], c["grass"]],
-                      [c["box"], c["grass"], 255, c["sky"], c["sky"], c["sky"], c["sky"], c["sky"], c["sky"]]])
-    pred = np.array([[c["ball"], c["drum"], c["box"], c["kite"], c["sand"], c["grass"], c["sand"], c["box"], c["kite"]],
-                     [c["box"], c["grass"], c["kite"], c["sky"], c["sky"], c["sky"], c["sky"], c["sky"], c["sky"]]])
+    # ball, drum, cookie, clock: one grid row (red in world 2, disks in world 1); box the next row
+    label = np.array([[c["ball"], c["ball"], c["ball"], c["ball"], c["ball"], c["ball"], c["grass"], c["grass"], c["grass"], c["grass"]],
+                      [c["box"], c["cookie"], c["grass"], 255, c["sky"], c["sky"], c["sky"], c["sky"], c["sky"], c["sky"]]])
+    pred = np.array([[c["ball"], c["drum"], c["cookie"], c["box"], c["kite"], c["sand"], c["grass"], c["sand"], c["box"], c["kite"]],
+                     [c["box"], c["cookie"], c["grass"], c["kite"], c["sky"], c["sky"], c["sky"], c["sky"], c["sky"], c["sky"]]])
     counts = {"thing": np.zeros(5), "stuff": np.zeros(4)}
-    things = np.array([name not in ("grass", "sand", "water", "brick", "sky", "snow") for name in CLASSES])
-    confusion.tally(label, pred, confusion.grid_rows(), things, counts)
-    assert counts["thing"].tolist() == [2, 1, 1, 1, 1]     # ball+box right; drum; box; kite; sand
-    assert counts["stuff"].tolist() == [8, 1, 1, 1]        # grass, 6 sky, grass; sand; box; kite (255 skipped)
+    confusion.tally(label, pred, counts)
+    # ball, box, cookie right | drum (absent) and cookie (present), same row | box | kite | sand
+    assert counts["thing"].tolist() == [3, 2, 1, 1, 1]
+    # 2 grass + 6 sky right | sand | box | kite; the 255 pixel is skipped
+    assert counts["stuff"].tolist() == [8, 1, 1, 1]
     rows = confusion.grid_rows()
-    assert rows[c["drum"]] == rows[c["ball"]] != rows[c["box"]] and rows[c["grass"]] == -1
-    assert {THING_STYLE_V2[n][0] for n in CLASSES if rows[c[n]] == rows[c["ball"]]} == {"red"}
-    assert {THING_STYLE[n][0] for n in CLASSES if rows[c[n]] == rows[c["ball"]]} == {"disk"}
+    assert all(rows[c[name]] == -1 for name in STUFF_CLASSES)
+    for style in (THING_STYLE, THING_STYLE_V2):  # a row is one colour (world 2) or one shape (world 1)
+        by_row = {}
+        for name in THING_CLASSES:
+            by_row.setdefault(rows[c[name]], set()).add(style[name][0])
+        assert len(by_row) == 6 and all(len(kinds) == 1 for kinds in by_row.values())
+
+
+def test_confusion_script_reads_ade_labels_and_saved_predictions(tmp_path):
+    """End to end on one 2x2 image: ADE labels (class k stored as k + 1, 0 unlabelled) against a
+    saved prediction, found through the record and the dataset entry's folders."""
+    from PIL import Image
+
+    from silc_bench.data.toyworld import CLASSES
+
+    confusion = _experiment("toy_confusion")
+    c = {name: i for i, name in enumerate(CLASSES)}
+    entry = registry.dataset_entry("toyworld_v2")
+    assert confusion.decode_labels(np.array([0, 1, 30, 255]), entry).tolist() == [255, 0, 29, 255]
+    labels = tmp_path / "data" / entry["root"] / "annotations" / "validation"
+    labels.mkdir(parents=True)
+    Image.fromarray(np.array([[c["ball"] + 1, c["grass"] + 1], [c["grass"] + 1, 0]], np.uint8)).save(labels / "img1.png")
+    record = tmp_path / "out" / "zs-seg" / "m" / "toyworld_v2.json"
+    (record.parent / "toyworld_v2.predictions").mkdir(parents=True)
+    fixture = json.loads((Path(__file__).parent / "fixtures/records/zs-seg/silc-c-b16/toyworld.json").read_text())
+    fixture["model"]["sha256"] = "ab" * 32
+    record.write_text(json.dumps(fixture))
+    Image.fromarray(np.array([[c["ball"], c["box"]], [c["grass"], c["sky"]]], np.uint8)).save(
+        record.parent / "toyworld_v2.predictions" / "img1.png")
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / "toy_confusion.py"), "--records", str(tmp_path / "out"),
+                           "--data-root", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = proc.stdout.strip().splitlines()[-1]
+    assert row == "| m (sha256 abababababab) | 100.0 | 0.0 | 0.0 | 0.0 | 0.0 | 50.0 | 0.0 | 0.0 | 50.0 |"
