@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     opts = RunOptions(data_root=args.data_root or str(out / "data"), out_dir=out / "records", workers=0,
                       progress=False, device="cpu")
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows, stuff_rows, thing_rows = [], [], []
+    rows, stuff_rows, thing_rows, checkpoints = [], [], [], []
     for variant in args.variants.split(","):
         scores, stuff, things = [], [], []
         for seed in seeds:
@@ -88,6 +88,7 @@ def main(argv=None) -> int:
             run("zs-seg", [spec], [dataset], opts)
             record = read_record(output_path("zs-seg", spec, dataset, opts))
             scores.append(record["metrics"]["mIoU"])
+            checkpoints.append(f"| {variant} | {seed} | `{record['model']['sha256'][:12]}` |")
             stuff_iou, thing_iou = stuff_and_things(record)
             stuff.append(stuff_iou)
             things.append(thing_iou)
@@ -98,7 +99,9 @@ def main(argv=None) -> int:
              "validation split (30 classes), one pretraining run per seed.\n\n" + "\n".join(table_lines(seeds, rows))
              + f"\n\nThe same records, mean IoU (%) of the {len(STUFF_CLASSES)} stuff classes:\n\n"
              + "\n".join(table_lines(seeds, stuff_rows))
-             + "\n\nand of the thing classes:\n\n" + "\n".join(table_lines(seeds, thing_rows)) + "\n")
+             + "\n\nand of the thing classes:\n\n" + "\n".join(table_lines(seeds, thing_rows))
+             + "\n\nThe checkpoints (the records are named by them):\n\n| toy model | seed | sha256 |\n|---|---:|---|\n"
+             + "\n".join(checkpoints) + "\n")
     atomic_write_text(out / "table.md", table)
     print(table)
     return 0
