@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", help="pretraining run folders (default: <out>/runs)")
     ap.add_argument("--out", help="records and table.md (default: results/toy/seeds, world 2: results/toy/seeds_w2)")
     ap.add_argument("--data-root", help="where the toy world's evaluation split is written (default: <out>/data)")
-    ap.add_argument("--world", type=int, default=1, choices=(1, 2), help="toy world version (silc_bench/data/toyworld.py)")
+    ap.add_argument("--world", type=int, default=1, choices=(1, 2, 3), help="toy world version (silc_bench/data/toyworld.py)")
     ap.add_argument("--steps", type=int, help="overrides the recipes' train.steps (run folders get a _<steps> suffix)")
     args = ap.parse_args(argv)
     suffix = "" if args.world == 1 else f"_w{args.world}"

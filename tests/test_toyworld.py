@@ -85,8 +85,12 @@ def test_world_versions():
     assert tw.render(2, 0, 64).caption == tw.render(2, 0, 64, world=tw.DEFAULT_WORLD).caption
     assert not np.array_equal(tw.render(0, 0, 64, world=2).image, tw.render(0, 0, 64, world=1).image)
     with pytest.raises(UserError, match="world version"):
-        tw.render(0, 0, 64, world=3)
+        tw.render(0, 0, 64, world=4)
     assert tw.PretrainDataset(seed=0, length=4, world=2)[1]["caption"] == tw.render(1, 0, 64, world=2).caption
+    # world 3 is world 2 with larger objects: the same classes and captions' rules, more thing pixels
+    share = {w: np.mean([(tw.render(i, 0, 96, "validation", world=w).labels >= len(tw.STUFF_CLASSES)).mean()
+                         for i in range(60)]) for w in (2, 3)}
+    assert 0.1 < share[2] < 0.2 and 0.28 < share[3] < 0.42, share
 
 
 def test_background_mention_changes_captions_only():
@@ -113,7 +117,7 @@ def test_background_mention_changes_captions_only():
     assert make_dataset({"data": dict(data, background_mention_p=None)})[2]["caption"] == tw.render(2, 0, 64, world=2).caption
 
 
-@pytest.mark.parametrize("size,world", [(64, 1), (96, 1), (64, 2), (96, 2)])
+@pytest.mark.parametrize("size,world", [(64, 1), (96, 1), (64, 2), (96, 2), (64, 3), (96, 3)])
 def test_labels_instances_captions_agree(size, world):
     nst = len(tw.STUFF_CLASSES)
     n_objects, stuff_named = [], []
@@ -140,12 +144,12 @@ def test_labels_instances_captions_agree(size, world):
             stuff = {k for k in present if k < nst}
             assert named - stuff == present - stuff and named & stuff in (set(), stuff), s.caption
             stuff_named.append(bool(named & stuff))
-        if world == 2:  # the thing's colour is its class's
+        if world >= 2:  # the thing's colour is its class's
             for inst in s.instances:
                 assert inst.colour == tw.THING_STYLE_V2[tw.CLASSES[inst.class_id]][0]
     if size == 64:
         assert max(n_objects) == tw.WORLDS[world].objects_per_64px
-    if world == 2:
+    if world >= 2:
         assert 0.2 < np.mean(stuff_named) < 0.4  # named 30% of the time
 
 

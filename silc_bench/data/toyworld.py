@@ -13,6 +13,8 @@ with 64-px crops over 96-px images. Its appearance rules come in versions (`WORL
   interior, with a shape drawn at random; each stuff class its own colour family (grass is green,
   sky blue), families overlapping so texture still matters; objects of radius 8-15 px; captions
   name every thing, and the background only 30% of the time (alt-text rarely does).
+- world 3: world 2 with objects of radius 14-24 px, so things cover about 35% of a 96-px
+  validation image instead of 15% and most of an object's patches lie inside it.
 
 Streams: a scene is a pure function of (split, seed, index): `np.random.default_rng` seeded with
 [stream code, seed, index], so pretraining ("pretrain") and evaluation ("validation") never share
@@ -87,7 +89,8 @@ class World:
 
 
 WORLDS = {1: World(1, "shape", "palette", (6.0, 13.0), 4, 0.25, 1.0),
-          2: World(2, "colour", "family", (8.0, 15.0), 3, 0.0, 0.3)}
+          2: World(2, "colour", "family", (8.0, 15.0), 3, 0.0, 0.3),
+          3: World(3, "colour", "family", (14.0, 24.0), 3, 0.0, 0.3)}
 DEFAULT_WORLD = 1
 
 
