@@ -1,5 +1,5 @@
 """Where the toy world's pixels go under zero-shot segmentation: for every thing pixel, was it called
-its own class, a thing of the same colour (world 2; the same shape in world 1), a thing of another
+its own class, a thing of the same colour (worlds 2-3; the same shape in world 1), a thing of another
 colour that is in the picture, a thing that is not, or a stuff class; for every stuff pixel, its
 own stuff, other stuff, a thing in the picture, or a thing that is not. It separates the failures that mIoU mixes:
 a pattern the features miss, context leaking into patches, and stuff against things.
@@ -27,14 +27,14 @@ from silc_bench.paths import data_root  # noqa: E402
 from silc_bench.results.record import read_record  # noqa: E402
 
 # Checked in this order, so each pixel lands in the first outcome that fits it.
-THING_OUTCOMES = ("own class", "thing of the same colour (world 2) / shape (world 1)",
+THING_OUTCOMES = ("own class", "thing of the same colour (worlds 2-3) / shape (world 1)",
                   "thing of another colour / shape in the picture", "thing not in the picture", "stuff")
 STUFF_OUTCOMES = ("own class", "other stuff", "thing in the picture", "thing not in the picture")
 IS_THING_CLASS = np.array([name not in STUFF_CLASSES for name in CLASSES])
 
 
 def grid_rows() -> np.ndarray:
-    """Per class id: the thing's row in the class grid, which is its colour in world 2 and its shape
+    """Per class id: the thing's row in the class grid, which is its colour in worlds 2-3 and its shape
     in world 1 (the same rows in both); -1 for stuff."""
     return np.array([-1 if name in STUFF_CLASSES else THING_CLASSES.index(name) // len(PATTERNS) for name in CLASSES])
 

@@ -3,10 +3,10 @@
     python experiments/toy_seeds.py --variants clip,silc_c --seeds 0,1,2
     python experiments/toy_seeds.py --world 2 --variants clip,clip_views,clip_views_ema,silc_c   # Table 6 ladder
 
-For each (variant, seed): pretrain `configs/pretrain/toy_<variant>.yaml` (world 2:
-`toy_<variant>_w2.yaml`) with that seed into `<runs>/<variant>_s<seed>` (skipped when its
-model.npz exists; an interrupted run resumes), run `zs-seg` on `toyworld` (world 2:
-`toyworld_v2`), and write `<out>/table.md`: mIoU, then the stuff and the thing classes' mean IoU,
+For each (variant, seed): pretrain `configs/pretrain/toy_<variant>.yaml` (world N > 1:
+`toy_<variant>_wN.yaml`) with that seed into `<runs>/<variant>_s<seed>` (skipped when its
+model.npz exists; an interrupted run resumes), run `zs-seg` on `toyworld` (world N:
+`toyworld_vN`), and write `<out>/table.md`: mIoU, then the stuff and the thing classes' mean IoU,
 one row per variant (with two variants, also their same-seed difference). An experiment, not
 part of the library: it drives the public command line (`silc-bench pretrain`) and runner API.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's silc_bench, installed or not
 
 from silc_bench.cli import main as silc_bench  # noqa: E402
-from silc_bench.data.toyworld import STUFF_CLASSES  # noqa: E402
+from silc_bench.data.toyworld import STUFF_CLASSES, WORLDS  # noqa: E402
 from silc_bench.paths import CONFIGS_DIR, RESULTS_DIR  # noqa: E402
 from silc_bench.results.record import atomic_write_text, read_record  # noqa: E402
 from silc_bench.runner import RunOptions, output_path, run  # noqa: E402
@@ -60,9 +60,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="clip,silc_c", help="toy configs: configs/pretrain/toy_<variant>.yaml")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--runs", help="pretraining run folders (default: <out>/runs)")
-    ap.add_argument("--out", help="records and table.md (default: results/toy/seeds, world 2: results/toy/seeds_w2)")
+    ap.add_argument("--out", help="records and table.md (default: results/toy/seeds, world N > 1: results/toy/seeds_wN)")
     ap.add_argument("--data-root", help="where the toy world's evaluation split is written (default: <out>/data)")
-    ap.add_argument("--world", type=int, default=1, choices=(1, 2, 3), help="toy world version (silc_bench/data/toyworld.py)")
+    ap.add_argument("--world", type=int, default=1, choices=sorted(WORLDS), help="toy world version (silc_bench/data/toyworld.py)")
     ap.add_argument("--steps", type=int, help="overrides the recipes' train.steps (run folders get a _<steps> suffix)")
     args = ap.parse_args(argv)
     suffix = "" if args.world == 1 else f"_w{args.world}"

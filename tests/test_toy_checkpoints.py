@@ -53,3 +53,32 @@ def test_main_job_is_the_same_everywhere():
     with open(RESULTS_DIR / "baselines" / "toy.csv", newline="") as f:
         assert {(r["model"], r["dataset"]) for r in csv.DictReader(f)} == {
             ("toy-clip-w2", "toyworld_v2"), ("toy-silc-c-w2", "toyworld_v2")}
+
+
+def test_ci_checks_every_baseline_and_each_holds_one_world():
+    ci = (PROJECT_DIR / ".ci" / "run").read_text()
+    worlds = {"toy.csv": "toyworld_v2", "toy_w1.csv": "toyworld"}
+    for path in (RESULTS_DIR / "baselines").glob("*.csv"):
+        assert f"compare --baseline results/baselines/{path.name} " in ci, path.name
+        with open(path, newline="") as f:
+            assert {r["dataset"] for r in csv.DictReader(f)} == {worlds[path.name]}, path.name
+
+
+def test_each_toy_world_has_its_dataset_and_recipes():
+    """World N > 1: dataset `toyworld_vN` generates world N, and `toy_<variant>_wN.yaml` is the
+    world-2 recipe with only `data.world` changed (so rows of different worlds compare)."""
+    from silc_bench.data.toyworld import WORLDS
+
+    generated = {name: entry for name, entry in registry.datasets().items()
+                 if entry.get("generate") == "toyworld" and "labels" in entry}
+    assert set(generated) == {"toyworld"} | {f"toyworld_v{w}" for w in WORLDS if w > 1}
+    for name, entry in generated.items():
+        world = int(entry.get("world", 1))
+        assert name == ("toyworld" if world == 1 else f"toyworld_v{world}")
+        assert entry["prepare"].endswith(f"<data root>/{name}" + (f" --world {world}" if world > 1 else ""))
+    for world in (w for w in WORLDS if w > 2):
+        for variant in ("clip", "silc_c"):
+            twin = json.loads(json.dumps(load_config(PROJECT_DIR / f"configs/pretrain/toy_{variant}_w2.yaml")))
+            this = json.loads(json.dumps(load_config(PROJECT_DIR / f"configs/pretrain/toy_{variant}_w{world}.yaml")))
+            assert this["data"].pop("world") == world and twin["data"].pop("world") == 2
+            assert [p for p in differing_settings(this, twin) if not p.startswith("._config")] == []
