@@ -39,6 +39,9 @@ def grid_rows() -> np.ndarray:
     return np.array([-1 if name in STUFF_CLASSES else THING_CLASSES.index(name) // len(PATTERNS) for name in CLASSES])
 
 
+GRID_ROWS = grid_rows()
+
+
 def decode_labels(png: np.ndarray, entry: dict) -> np.ndarray:
     """Class ids from a label PNG in the dataset's encoding (ADE's: class k stored as k + 1, 0 unlabelled)."""
     label = png.astype(np.int64)
@@ -53,12 +56,11 @@ def tally(label: np.ndarray, pred: np.ndarray, counts: dict[str, np.ndarray]) ->
     """Add one image's pixels to `counts` (label and pred: class ids, 255 ignored)."""
     keep = label != 255
     label, pred = label[keep].astype(np.int64), pred[keep].astype(np.int64)
-    rows = grid_rows()
     present = np.zeros(len(CLASSES), bool)
     present[np.unique(label)] = True
     right = pred == label
     thing_label, thing_pred = IS_THING_CLASS[label], IS_THING_CLASS[pred]
-    same_row = rows[pred] == rows[label]
+    same_row = GRID_ROWS[pred] == GRID_ROWS[label]
     counts["thing"] += [np.sum(thing_label & right),
                         np.sum(thing_label & thing_pred & ~right & same_row),
                         np.sum(thing_label & thing_pred & ~same_row & present[pred]),
