@@ -86,23 +86,31 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     entry = registry.dataset_entry(args.dataset)
     labels_dir = (data_root(args.data_root) / entry["root"] / entry["labels"]).parent
-    print(f"| {args.dataset}, share of pixels (%) | thing pixels: " + " | ".join(THING_OUTCOMES)
-          + " | stuff pixels: " + " | ".join(STUFF_OUTCOMES) + " |")
-    print("|---|" + "---:|" * (len(THING_OUTCOMES) + len(STUFF_OUTCOMES)))
     found = sorted(Path(args.records).glob(f"zs-seg/*/{args.dataset}.json"))
     if not found:
         print(f"no zs-seg records of {args.dataset} under {args.records}", file=sys.stderr)
         return 2
+    # Every input is checked before the table starts, so a bad one leaves no partial table.
+    work = []
     for record_file in found:
-        record = read_record(record_file)
         pred_dir = record_file.with_name(record_file.stem + ".predictions")
         if not pred_dir.is_dir():
             print(f"{record_file}: no saved predictions; rerun with --save-predictions", file=sys.stderr)
             return 2
+        pairs = [(labels_dir / p.name, p) for p in sorted(pred_dir.glob("*.png"))]
+        missing = [label for label, _ in pairs if not label.is_file()]
+        if missing:
+            print(f"{missing[0]}: label file not found ({len(missing)} missing); pass the --data-root that the "
+                  f"zs-seg run used", file=sys.stderr)
+            return 2
+        work.append((record_file, read_record(record_file), pairs))
+    print(f"| {args.dataset}, share of pixels (%) | thing pixels: " + " | ".join(THING_OUTCOMES)
+          + " | stuff pixels: " + " | ".join(STUFF_OUTCOMES) + " |")
+    print("|---|" + "---:|" * (len(THING_OUTCOMES) + len(STUFF_OUTCOMES)))
+    for record_file, record, pairs in work:
         counts = {"thing": np.zeros(len(THING_OUTCOMES)), "stuff": np.zeros(len(STUFF_OUTCOMES))}
-        for pred_file in sorted(pred_dir.glob("*.png")):
-            label = decode_labels(np.asarray(Image.open(labels_dir / pred_file.name)), entry)
-            tally(label, np.asarray(Image.open(pred_file)), counts)
+        for label_file, pred_file in pairs:
+            tally(decode_labels(np.asarray(Image.open(label_file)), entry), np.asarray(Image.open(pred_file)), counts)
         shares = [100 * counts[k] / counts[k].sum() for k in ("thing", "stuff")]
         name = f"{record_file.parent.name} (sha256 {record['model']['sha256'][:12]})"
         print(f"| {name} | " + " | ".join(f"{x:.1f}" for x in shares[0]) + " | "

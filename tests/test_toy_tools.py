@@ -124,3 +124,8 @@ def test_confusion_script_reads_ade_labels_and_saved_predictions(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = proc.stdout.strip().splitlines()[-1]
     assert row == "| m (sha256 abababababab) | 100.0 | 0.0 | 0.0 | 0.0 | 0.0 | 50.0 | 0.0 | 0.0 | 50.0 |"
+    # a wrong --data-root: the label file is named with the fix, rc 2, and no table is started
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / "toy_confusion.py"), "--records", str(tmp_path / "out"),
+                           "--data-root", str(tmp_path / "elsewhere")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "img1.png: label file not found" in proc.stderr and "--data-root" in proc.stderr
