@@ -5,6 +5,7 @@ evaluate it with `ov-seg` on the toy validation split (which contains the unseen
 its seen / unseen mIoU beside the zero-shot (`zs-seg`) mIoU of the same backbone on the same split.
 
     python experiments/catseg_toy_demo.py            # toy-clip and toy-silc-c, ~13 min on 2 CPU cores
+    python experiments/catseg_toy_demo.py --world 2  # toy-clip-w2 and toy-silc-c-w2 (the main job's models)
     python experiments/catseg_toy_demo.py --world 2 --backbones RUN_CLIP/model.npz,RUN_SILC/model.npz
 
 An experiment, not part of the library: it drives the public command line (`silc-bench train
@@ -21,9 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 from silc_bench import registry  # noqa: E402
 from silc_bench.cli import main as silc_bench  # noqa: E402
+from silc_bench.data import toyworld  # noqa: E402
 from silc_bench.paths import CONFIGS_DIR, RESULTS_DIR  # noqa: E402
 from silc_bench.results.record import atomic_write_text, read_record  # noqa: E402
 from silc_bench.runner import RunOptions, output_path, run  # noqa: E402
+
+
+SHIPPED_BACKBONES = {1: "toy-clip,toy-silc-c", 2: "toy-clip-w2,toy-silc-c-w2"}  # configs/models.yaml
 
 
 def _mean(values) -> float:
@@ -45,14 +50,16 @@ def evaluated(task: str, spec: str, dataset: str, opts: RunOptions) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python experiments/catseg_toy_demo.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbones", default="toy-clip,toy-silc-c")
+    ap.add_argument("--backbones", help="model specs or run folders' model.npz (default: the world's shipped "
+                    "toy models, " + "; ".join(f"world {w}: {b}" for w, b in SHIPPED_BACKBONES.items()) + ")")
     ap.add_argument("--world", type=int, default=1, choices=(1, 2), help="toy world version (configs/cat_seg/toy_w2.yaml)")
     ap.add_argument("--out", help="default: results/toy/catseg (world 2: results/toy/catseg_w2)")
     ap.add_argument("--data-root", help="where the toy world's splits are written (default: <out>/data)")
     ap.add_argument("--steps", type=int, help="override the recipe's training steps")
     args = ap.parse_args(argv)
-    suffix = "" if args.world == 1 else f"_w{args.world}"
-    dataset = "toyworld" if args.world == 1 else f"toyworld_v{args.world}"
+    args.backbones = args.backbones or SHIPPED_BACKBONES[args.world]
+    suffix = toyworld.recipe_suffix(args.world)
+    dataset = toyworld.dataset_name(args.world)
     out = Path(args.out or RESULTS_DIR / "toy" / ("catseg" + suffix))
     data_root = args.data_root or str(out / "data")
     unseen = set(registry.dataset_entry(dataset)["unseen_classes"])

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's silc_bench, installed or not
 
 from silc_bench.cli import main as silc_bench  # noqa: E402
+from silc_bench.data import toyworld  # noqa: E402
 from silc_bench.data.toyworld import STUFF_CLASSES, WORLDS  # noqa: E402
 from silc_bench.paths import CONFIGS_DIR, RESULTS_DIR  # noqa: E402
 from silc_bench.results.record import atomic_write_text, read_record  # noqa: E402
@@ -65,8 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--world", type=int, default=1, choices=sorted(WORLDS), help="toy world version (silc_bench/data/toyworld.py)")
     ap.add_argument("--steps", type=int, help="overrides the recipes' train.steps (run folders get a _<steps> suffix)")
     args = ap.parse_args(argv)
-    suffix = "" if args.world == 1 else f"_w{args.world}"
-    dataset = "toyworld" if args.world == 1 else f"toyworld_v{args.world}"
+    suffix = toyworld.recipe_suffix(args.world)
+    dataset = toyworld.dataset_name(args.world)
     out = Path(args.out or RESULTS_DIR / "toy" / ("seeds" + suffix))
     args.runs = args.runs or str(out / "runs")
     opts = RunOptions(data_root=args.data_root or str(out / "data"), out_dir=out / "records", workers=0,

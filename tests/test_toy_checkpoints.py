@@ -10,6 +10,7 @@ import json
 import shlex
 
 from silc_bench import registry
+from silc_bench.data import toyworld
 from silc_bench.paths import PROJECT_DIR, RESULTS_DIR
 from silc_bench.pretrain.trainer import load_config
 
@@ -38,7 +39,7 @@ def test_bundled_toy_models_match_their_recipe_and_the_ci_baseline():
         assert differing_settings(saved, json.loads(json.dumps(recipe))) == [], name
         world = recipe["data"].get("world", 1)
         rows = [r for r in baseline if r["model"] == name]
-        assert {r["dataset"] for r in rows} == {"toyworld" if world == 1 else f"toyworld_v{world}"}, name
+        assert {r["dataset"] for r in rows} == {toyworld.dataset_name(world)}, name
         assert {r["checkpoint_sha256"] for r in rows} == {hashlib.sha256(npz.read_bytes()).hexdigest()}, name
         assert {r["metric"] for r in rows} >= {"mIoU"}, name
 
@@ -65,20 +66,24 @@ def test_ci_checks_every_baseline_and_each_holds_one_world():
 
 
 def test_each_toy_world_has_its_dataset_and_recipes():
-    """World N > 1: dataset `toyworld_vN` generates world N, and `toy_<variant>_wN.yaml` is the
-    world-2 recipe with only `data.world` changed (so rows of different worlds compare)."""
+    """World N > 1: dataset `toyworld_vN` generates world N, and every `toy_<variant>_wN.yaml` (N > 2)
+    is its world-2 twin `toy_<variant>_w2.yaml` with only `data.world` changed (so rows of different
+    worlds compare)."""
     from silc_bench.data.toyworld import WORLDS
 
     generated = {name: entry for name, entry in registry.datasets().items()
                  if entry.get("generate") == "toyworld" and "labels" in entry}
-    assert set(generated) == {"toyworld"} | {f"toyworld_v{w}" for w in WORLDS if w > 1}
+    assert set(generated) == {toyworld.dataset_name(w) for w in WORLDS}
     for name, entry in generated.items():
         world = int(entry.get("world", 1))
-        assert name == ("toyworld" if world == 1 else f"toyworld_v{world}")
+        assert name == toyworld.dataset_name(world)
         assert entry["prepare"].endswith(f"<data root>/{name}" + (f" --world {world}" if world > 1 else ""))
+    recipes = PROJECT_DIR / "configs" / "pretrain"
     for world in (w for w in WORLDS if w > 2):
         for variant in ("clip", "silc_c"):
-            twin = json.loads(json.dumps(load_config(PROJECT_DIR / f"configs/pretrain/toy_{variant}_w2.yaml")))
-            this = json.loads(json.dumps(load_config(PROJECT_DIR / f"configs/pretrain/toy_{variant}_w{world}.yaml")))
-            assert this["data"].pop("world") == world and twin["data"].pop("world") == 2
-            assert [p for p in differing_settings(this, twin) if not p.startswith("._config")] == []
+            assert (recipes / f"toy_{variant}{toyworld.recipe_suffix(world)}.yaml").exists(), (variant, world)
+        for path in recipes.glob(f"toy_*{toyworld.recipe_suffix(world)}.yaml"):
+            twin = path.with_name(path.name.replace(toyworld.recipe_suffix(world), toyworld.recipe_suffix(2)))
+            this, twin = (json.loads(json.dumps(load_config(p))) for p in (path, twin))
+            assert this["data"].pop("world") == world and twin["data"].pop("world") == 2, path.name
+            assert [p for p in differing_settings(this, twin) if not p.startswith("._config")] == [], path.name

@@ -387,3 +387,12 @@ def test_question_splits_answer_from_the_scene(tmp_path, world):
             assert left == [answer]
     assert kinds == {"count", "exist", "colour", "relation"}
     assert toy_vqa.write_vqa(tmp_path, world=world, num_images=25) == root  # written once
+
+
+def test_world_naming_rule():
+    """Experiments find a world's split and recipes by these names; the registry follows them
+    (tests/test_toy_checkpoints.py)."""
+    assert [tw.dataset_name(w) for w in (1, 2, 3)] == ["toyworld", "toyworld_v2", "toyworld_v3"]
+    assert [tw.recipe_suffix(w) for w in (1, 2, "3")] == ["", "_w2", "_w3"]
+    with pytest.raises(UserError, match="unknown toy world version"):
+        tw.dataset_name(9)

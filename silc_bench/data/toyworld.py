@@ -100,6 +100,17 @@ def get_world(version) -> World:
     return WORLDS[int(version)]
 
 
+def dataset_name(world) -> str:
+    """Registry name (configs/datasets.yaml) of world N's segmentation split: toyworld, toyworld_vN."""
+    return "toyworld" if get_world(world).version == 1 else f"toyworld_v{int(world)}"
+
+
+def recipe_suffix(world) -> str:
+    """What world N adds to a toy recipe's name (configs/pretrain/toy_<variant><suffix>.yaml) and to
+    its run folders: nothing for world 1, `_wN` after it."""
+    return "" if get_world(world).version == 1 else f"_w{int(world)}"
+
+
 def with_background_mention(world: World, p: float | None) -> World:
     """`world` with captions naming the background with probability `p` (None: the world's own)."""
     if p is None:
