@@ -9,6 +9,8 @@ import hashlib
 import json
 import shlex
 
+import yaml
+
 from silc_bench import registry
 from silc_bench.data import toyworld
 from silc_bench.paths import PROJECT_DIR, RESULTS_DIR
@@ -87,3 +89,10 @@ def test_each_toy_world_has_its_dataset_and_recipes():
             this, twin = (json.loads(json.dumps(load_config(p))) for p in (path, twin))
             assert this["data"].pop("world") == world and twin["data"].pop("world") == 2, path.name
             assert [p for p in differing_settings(this, twin) if not p.startswith("._config")] == [], path.name
+    for path in (PROJECT_DIR / "configs" / "cat_seg").glob("toy_w*.yaml"):  # CAT-Seg recipes: same rule
+        this, twin = (yaml.safe_load(p.read_text()) for p in (path, path.with_name("toy_w2.yaml")))
+        world = int(path.stem.removeprefix("toy_w"))
+        for recipe, w in ((this, world), (twin, 2)):
+            split = recipe["data"]["toyworld"]
+            assert (split.pop("world"), split.pop("root")) == (w, f"toyworld_v{w}_train"), path.name
+        assert this == twin, path.name
