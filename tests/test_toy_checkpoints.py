@@ -68,9 +68,10 @@ def test_ci_checks_every_baseline_and_each_holds_one_world():
 
 
 def test_each_toy_world_has_its_dataset_and_recipes():
-    """World N > 1: dataset `toyworld_vN` generates world N, and every `toy_<variant>_wN.yaml` (N > 2)
-    is its world-2 twin `toy_<variant>_w2.yaml` with only `data.world` changed (so rows of different
-    worlds compare)."""
+    """World N > 1: dataset `toyworld_vN` generates world N; every pretraining recipe
+    `toy_<variant>_wN.yaml` (N > 2) is its world-2 twin `toy_<variant>_w2.yaml` with only `data.world`
+    changed, and every downstream `toy_wN.yaml` is its tool's `toy.yaml` but for the world (so rows of
+    different worlds compare)."""
     from silc_bench.data.toyworld import WORLDS
 
     generated = {name: entry for name, entry in registry.datasets().items()
@@ -89,10 +90,18 @@ def test_each_toy_world_has_its_dataset_and_recipes():
             this, twin = (json.loads(json.dumps(load_config(p))) for p in (path, twin))
             assert this["data"].pop("world") == world and twin["data"].pop("world") == 2, path.name
             assert [p for p in differing_settings(this, twin) if not p.startswith("._config")] == [], path.name
-    for path in (PROJECT_DIR / "configs" / "cat_seg").glob("toy_w*.yaml"):  # CAT-Seg recipes: same rule
-        this, twin = (yaml.safe_load(p.read_text()) for p in (path, path.with_name("toy_w2.yaml")))
-        world = int(path.stem.removeprefix("toy_w"))
-        for recipe, w in ((this, world), (twin, 2)):
-            split = recipe["data"]["toyworld"]
-            assert (split.pop("world"), split.pop("root")) == (w, f"toyworld_v{w}_train"), path.name
-        assert this == twin, path.name
+    # Downstream toy recipes (CAT-Seg, OWL, LiT-Decoder): world N's is toy.yaml with that world and
+    # its own split folder (a shared one would hand one world's cached split to another), everything
+    # else equal, so their rows compare across worlds.
+    for tool in ("cat_seg", "owl", "lit_decoder"):
+        roots = set()
+        for path in (PROJECT_DIR / "configs" / tool).glob("toy_w*.yaml"):
+            name = f"{tool}/{path.name}"
+            this, base = (yaml.safe_load(p.read_text()) for p in (path, path.with_name("toy.yaml")))
+            split, base_split = this["data"]["toyworld"], base["data"]["toyworld"]
+            assert split.pop("world") == int(path.stem.removeprefix("toy_w")) and "world" not in base_split, name
+            root, base_root = split.pop("root", None), base_split.pop("root", None)
+            if tool != "lit_decoder":  # the others write their split to disk (LiT-Decoder renders in memory)
+                assert root and root != base_root and root not in roots, name
+                roots.add(root)
+            assert this == base, name
