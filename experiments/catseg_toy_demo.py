@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 from silc_bench import registry  # noqa: E402
 from silc_bench.cli import main as silc_bench  # noqa: E402
 from silc_bench.data import toyworld  # noqa: E402
-from silc_bench.data.toyworld import WORLDS  # noqa: E402
 from silc_bench.paths import CONFIGS_DIR, RESULTS_DIR  # noqa: E402
 from silc_bench.results.record import atomic_write_text, read_record  # noqa: E402
 from silc_bench.runner import RunOptions, output_path, run  # noqa: E402
@@ -53,7 +52,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", help="model specs or run folders' model.npz (default: the world's shipped "
                     "toy models, " + "; ".join(f"world {w}: {b}" for w, b in SHIPPED_BACKBONES.items()) + ")")
-    ap.add_argument("--world", type=int, default=1, choices=sorted(WORLDS),
+    ap.add_argument("--world", type=int, default=1, choices=sorted(toyworld.WORLDS),
                     help="toy world version (its recipe: configs/cat_seg/toy.yaml, toy_w2.yaml, ...)")
     ap.add_argument("--out", help="default: results/toy/catseg (world N > 1: results/toy/catseg_wN)")
     ap.add_argument("--data-root", help="where the toy world's splits are written (default: <out>/data)")

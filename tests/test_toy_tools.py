@@ -3,6 +3,7 @@ per-task dataset protocol overrides; the experiments run from a checkout as plai
 import importlib.util
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 
 from silc_bench import registry
+from silc_bench.paths import PROJECT_DIR
+from silc_bench.pretrain.trainer import load_config
 from silc_bench.runner import protocol_for
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -24,7 +27,8 @@ def _experiment(name: str):
     return module
 
 
-seen_unseen = _experiment("catseg_toy_demo").seen_unseen
+catseg_toy_demo = _experiment("catseg_toy_demo")
+seen_unseen = catseg_toy_demo.seen_unseen
 toy_seeds = _experiment("toy_seeds")
 summarise = toy_seeds.summarise
 
@@ -43,6 +47,19 @@ def test_seen_unseen_means_skip_absent_classes():
     seen, unseen = seen_unseen(record, {"drum", "sail", "tire"})
     assert seen == 30.0 and unseen == 15.0
     assert math.isnan(seen_unseen({"per_class": {"IoU": {"a": 1.0}}}, {"b"})[1])
+
+
+def test_catseg_demo_defaults_are_the_worlds_shipped_models(capsys):
+    """Each world's default backbones are registry toy models pretrained on that world; a world with
+    none asks for --backbones before anything runs."""
+    for world, names in catseg_toy_demo.SHIPPED_BACKBONES.items():
+        for name in names.split(","):
+            words = shlex.split(registry.models()[name]["release"])
+            recipe = load_config(PROJECT_DIR / words[words.index("--config") + 1])
+            assert recipe["data"].get("world", 1) == world, name
+    with pytest.raises(SystemExit) as stop:
+        catseg_toy_demo.main(["--world", "3"])
+    assert stop.value.code == 2 and "world 3 has no shipped toy models: pass --backbones" in capsys.readouterr().err
 
 
 def test_summarise_mean_and_sample_std():

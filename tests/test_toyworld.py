@@ -394,5 +394,6 @@ def test_world_naming_rule():
     (tests/test_toy_checkpoints.py)."""
     assert [tw.dataset_name(w) for w in (1, 2, 3)] == ["toyworld", "toyworld_v2", "toyworld_v3"]
     assert [tw.recipe_suffix(w) for w in (1, 2, "3")] == ["", "_w2", "_w3"]
-    with pytest.raises(UserError, match="unknown toy world version"):
-        tw.dataset_name(9)
+    for bad in (9, 2.9, "2.0", "x"):
+        with pytest.raises(UserError, match="unknown toy world version"):
+            tw.dataset_name(bad)

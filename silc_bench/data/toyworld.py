@@ -95,20 +95,26 @@ DEFAULT_WORLD = 1
 
 
 def get_world(version) -> World:
-    if int(version) not in WORLDS:
+    try:
+        key = int(str(version))  # 2 and "2", not 2.9 or "2.0"
+    except ValueError:
+        key = None
+    if key not in WORLDS:
         raise UserError(f"unknown toy world version {version!r}", fix=f"use one of {sorted(WORLDS)}")
-    return WORLDS[int(version)]
+    return WORLDS[key]
 
 
 def dataset_name(world) -> str:
     """Registry name (configs/datasets.yaml) of world N's segmentation split: toyworld, toyworld_vN."""
-    return "toyworld" if get_world(world).version == 1 else f"toyworld_v{int(world)}"
+    version = get_world(world).version
+    return "toyworld" if version == 1 else f"toyworld_v{version}"
 
 
 def recipe_suffix(world) -> str:
-    """What world N adds to a toy recipe's name (configs/pretrain/toy_<variant><suffix>.yaml) and to
-    its run folders: nothing for world 1, `_wN` after it."""
-    return "" if get_world(world).version == 1 else f"_w{int(world)}"
+    """What world N adds to a toy recipe's name (configs/pretrain/toy_<variant><suffix>.yaml,
+    configs/<tool>/toy<suffix>.yaml) and to its run folders: nothing for world 1, `_wN` after it."""
+    version = get_world(world).version
+    return "" if version == 1 else f"_w{version}"
 
 
 def with_background_mention(world: World, p: float | None) -> World:
