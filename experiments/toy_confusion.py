@@ -22,6 +22,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's silc_bench, installed or not
 
 from silc_bench import registry  # noqa: E402
+from silc_bench.data import toyworld  # noqa: E402
+from silc_bench.data.segmentation import map_label  # noqa: E402
 from silc_bench.data.toyworld import CLASSES, PATTERNS, STUFF_CLASSES, THING_CLASSES  # noqa: E402
 from silc_bench.paths import data_root  # noqa: E402
 from silc_bench.results.record import read_record  # noqa: E402
@@ -43,13 +45,10 @@ GRID_ROWS = grid_rows()
 
 
 def decode_labels(png: np.ndarray, entry: dict) -> np.ndarray:
-    """Class ids from a label PNG in the dataset's encoding (ADE's: class k stored as k + 1, 0 unlabelled)."""
-    label = png.astype(np.int64)
-    ignore = label == int(entry["ignore_index"])
-    if entry.get("reduce_zero_label"):
-        ignore |= label == 0
-        label = label - 1
-    return np.where(ignore, 255, label)
+    """Class ids from a label PNG in the dataset's encoding (ADE's: class k stored as k + 1, 0 unlabelled),
+    as the segmentation reader maps them."""
+    return map_label(png, bool(entry.get("reduce_zero_label")), int(entry.get("ignore_index", 255)),
+                     tuple(int(v) for v in entry.get("ignore_values", ())))
 
 
 def tally(label: np.ndarray, pred: np.ndarray, counts: dict[str, np.ndarray]) -> None:
@@ -72,17 +71,12 @@ def tally(label: np.ndarray, pred: np.ndarray, counts: dict[str, np.ndarray]) ->
                         np.sum(stuff_label & thing_pred & ~present[pred])]
 
 
-def toy_datasets() -> list[str]:
-    return sorted(name for name, entry in registry.datasets().items()
-                  if entry.get("generate") == "toyworld" and "labels" in entry)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python experiments/toy_confusion.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", required=True, help="the --out folder of a `run zs-seg --save-predictions`")
     ap.add_argument("--data-root", help="as given to that run (default: $SILC_BENCH_DATA, else ~/data)")
-    ap.add_argument("--dataset", default="toyworld_v2", choices=toy_datasets())
+    ap.add_argument("--dataset", default="toyworld_v2", choices=[toyworld.dataset_name(w) for w in toyworld.WORLDS])
     args = ap.parse_args(argv)
     entry = registry.dataset_entry(args.dataset)
     labels_dir = (data_root(args.data_root) / entry["root"] / entry["labels"]).parent

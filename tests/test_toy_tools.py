@@ -30,6 +30,7 @@ def _experiment(name: str):
 catseg_toy_demo = _experiment("catseg_toy_demo")
 seen_unseen = catseg_toy_demo.seen_unseen
 toy_seeds = _experiment("toy_seeds")
+toy_confusion = _experiment("toy_confusion")
 summarise = toy_seeds.summarise
 
 
@@ -93,7 +94,6 @@ def test_confusion_sorts_every_pixel_into_one_outcome():
     stuff pixels: own / other stuff / thing in the picture / thing absent. Each outcome built by name."""
     from silc_bench.data.toyworld import CLASSES, STUFF_CLASSES, THING_CLASSES, THING_STYLE, THING_STYLE_V2
 
-    confusion = _experiment("toy_confusion")
     c = {name: i for i, name in enumerate(CLASSES)}
     # ball, drum, cookie, clock: one grid row (red in world 2, disks in world 1); box the next row
     label = np.array([[c["ball"], c["ball"], c["ball"], c["ball"], c["ball"], c["ball"], c["grass"], c["grass"], c["grass"], c["grass"]],
@@ -101,12 +101,12 @@ def test_confusion_sorts_every_pixel_into_one_outcome():
     pred = np.array([[c["ball"], c["drum"], c["cookie"], c["box"], c["kite"], c["sand"], c["grass"], c["sand"], c["box"], c["kite"]],
                      [c["box"], c["cookie"], c["grass"], c["kite"], c["sky"], c["sky"], c["sky"], c["sky"], c["sky"], c["sky"]]])
     counts = {"thing": np.zeros(5), "stuff": np.zeros(4)}
-    confusion.tally(label, pred, counts)
+    toy_confusion.tally(label, pred, counts)
     # ball, box, cookie right | drum (absent) and cookie (present), same row | box | kite | sand
     assert counts["thing"].tolist() == [3, 2, 1, 1, 1]
     # 2 grass + 6 sky right | sand | box | kite; the 255 pixel is skipped
     assert counts["stuff"].tolist() == [8, 1, 1, 1]
-    rows = confusion.grid_rows()
+    rows = toy_confusion.grid_rows()
     assert all(rows[c[name]] == -1 for name in STUFF_CLASSES)
     for style in (THING_STYLE, THING_STYLE_V2):  # a row is one colour (world 2) or one shape (world 1)
         by_row = {}
@@ -122,10 +122,9 @@ def test_confusion_script_reads_ade_labels_and_saved_predictions(tmp_path):
 
     from silc_bench.data.toyworld import CLASSES
 
-    confusion = _experiment("toy_confusion")
     c = {name: i for i, name in enumerate(CLASSES)}
     entry = registry.dataset_entry("toyworld_v2")
-    assert confusion.decode_labels(np.array([0, 1, 30, 255]), entry).tolist() == [255, 0, 29, 255]
+    assert toy_confusion.decode_labels(np.array([0, 1, 30, 255]), entry).tolist() == [255, 0, 29, 255]
     labels = tmp_path / "data" / entry["root"] / "annotations" / "validation"
     labels.mkdir(parents=True)
     Image.fromarray(np.array([[c["ball"] + 1, c["grass"] + 1], [c["grass"] + 1, 0]], np.uint8)).save(labels / "img1.png")

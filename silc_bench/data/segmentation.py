@@ -95,6 +95,23 @@ def dataset_from_entry(entry: dict, data_root: str | Path | None = None, limit: 
     return SegmentationDataset(entry, data_root=data_root, limit=limit)
 
 
+def map_label(raw: np.ndarray, reduce_zero_label: bool, ignore_index: int = 255,
+              ignore_values: tuple[int, ...] = ()) -> np.ndarray:
+    """Raw on-disk label -> int64 training ids with `ignore_index` (mmseg's reduce_zero_label).
+
+    `ignore_values` (raw values) become `ignore_index` first, e.g. PASCAL-Context-459's 459, the
+    ignore label CAT-Seg registers next to the 65535 its converter writes for unlabelled pixels.
+    """
+    label = raw.astype(np.int64)
+    if ignore_values:
+        label[np.isin(label, ignore_values)] = ignore_index
+    if reduce_zero_label:
+        out = label - 1
+        out[(label == 0) | (label == 255)] = 255
+        label = out
+    return label
+
+
 class SegmentationDataset(torch.utils.data.Dataset):
     """Items: {"image": uint8 [3,H,W] RGB, "label": int64 [H,W] (`ignore_index`, default 255), "name": str, "index": int}."""
 
@@ -322,16 +339,4 @@ class SegmentationDataset(torch.utils.data.Dataset):
         raise ValueError(f"label image has mode {im.mode}; expected single-channel class indices (L, P or 16-bit)")
 
     def map_label(self, raw: np.ndarray) -> np.ndarray:
-        """Raw on-disk label -> int64 training ids with `ignore_index` (mmseg's reduce_zero_label).
-
-        `ignore_values` (raw values) become `ignore_index` first, e.g. PASCAL-Context-459's 459, the
-        ignore label CAT-Seg registers next to the 65535 its converter writes for unlabelled pixels.
-        """
-        label = raw.astype(np.int64)
-        if self.ignore_values:
-            label[np.isin(label, self.ignore_values)] = self.ignore_index
-        if self.reduce_zero_label:
-            out = label - 1
-            out[(label == 0) | (label == 255)] = 255
-            label = out
-        return label
+        return map_label(raw, self.reduce_zero_label, self.ignore_index, self.ignore_values)
