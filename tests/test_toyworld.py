@@ -117,6 +117,42 @@ def test_background_mention_changes_captions_only():
     assert make_dataset({"data": dict(data, background_mention_p=None)})[2]["caption"] == tw.render(2, 0, 64, world=2).caption
 
 
+def _named_things(scene) -> set[str]:
+    """The scene's thing classes that its caption names (singular or plural)."""
+    words = set(scene.caption.replace(",", " ").split())
+    return {name for name in (tw.CLASSES[i.class_id] for i in scene.instances) if {name, tw.plural(name)} & words}
+
+
+def test_thing_mention_names_a_subset_of_the_things_and_changes_captions_only():
+    """`thing_mention_p` (pretraining data option): each thing class present is named with that
+    chance, at least one always is, and images and labels are those of the world's own scenes."""
+    from silc_bench.pretrain.trainer import make_dataset
+
+    kept, present = {0.0: 0, 0.5: 0}, 0
+    for i in range(60):
+        base = tw.render(i, 0, 64, world=3, background_mention_p=1.0)
+        things = {tw.CLASSES[inst.class_id] for inst in base.instances}
+        assert _named_things(base) == things  # the world's own rule names every thing
+        present += len(things)
+        assert tw.render(i, 0, 64, world=3, background_mention_p=1.0, thing_mention_p=1.0).caption == base.caption
+        for p in kept:
+            scene = tw.render(i, 0, 64, world=3, background_mention_p=1.0, thing_mention_p=p)
+            assert np.array_equal(scene.image, base.image) and np.array_equal(scene.labels, base.labels)
+            named = _named_things(scene)
+            assert named and named <= things, (p, scene.caption)
+            assert p or len(named) == 1
+            kept[p] += len(named)
+            stuff = {tw.CLASSES[k] for k in np.unique(scene.labels) if k < len(tw.STUFF_CLASSES)}
+            assert all(word in scene.caption for word in stuff)
+    assert kept[0.0] == 60 and 0.5 * present < kept[0.5] < 0.8 * present, (kept, present)
+    with pytest.raises(UserError, match="thing_mention_p"):
+        tw.PretrainDataset(seed=0, length=4, world=3, thing_mention_p=2)
+    data = {"kind": "toyworld", "length": 4, "world": 3, "thing_mention_p": 0.5}
+    with pytest.raises(UserError, match=r"thing_mention_p[\s\S]*file: recipe.yaml"):
+        make_dataset({"data": dict(data, thing_mention_p=-1), "_config_path": "recipe.yaml"})
+    assert make_dataset({"data": data})[3]["caption"] == tw.render(3, 0, 64, world=3, thing_mention_p=0.5).caption
+
+
 @pytest.mark.parametrize("size,world", [(64, 1), (96, 1), (64, 2), (96, 2), (64, 3), (96, 3)])
 def test_labels_instances_captions_agree(size, world):
     nst = len(tw.STUFF_CLASSES)

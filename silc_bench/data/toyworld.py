@@ -86,6 +86,7 @@ class World:
     objects_per_64px: int                # at most this many objects per 64 x 64 px
     colour_word_p: float                 # captions: chance a single object is named with its colour
     stuff_mention_p: float               # captions: chance the background is named at all
+    thing_mention_p: float = 1.0         # captions: chance each thing class present is named (one always is)
 
 
 WORLDS = {1: World(1, "shape", "palette", (6.0, 13.0), 4, 0.25, 1.0),
@@ -117,14 +118,20 @@ def recipe_suffix(world) -> str:
     return "" if version == 1 else f"_w{version}"
 
 
-def with_background_mention(world: World, p: float | None) -> World:
-    """`world` with captions naming the background with probability `p` (None: the world's own)."""
-    if p is None:
-        return world
-    if not 0.0 <= float(p) <= 1.0:
-        raise UserError(f"background_mention_p must be a probability in [0, 1], got {p!r}",
-                        fix="set data.background_mention_p between 0 and 1, or leave it out")
-    return dataclasses.replace(world, stuff_mention_p=float(p))
+def with_caption_rates(world: World, background_mention_p: float | None = None,
+                       thing_mention_p: float | None = None) -> World:
+    """`world` with captions naming the background, and each thing class present, with these
+    probabilities (None: the world's own). Pretraining data options; scenes do not change."""
+    changes = {}
+    for name, field, p in (("background_mention_p", "stuff_mention_p", background_mention_p),
+                           ("thing_mention_p", "thing_mention_p", thing_mention_p)):
+        if p is None:
+            continue
+        if not 0.0 <= float(p) <= 1.0:
+            raise UserError(f"{name} must be a probability in [0, 1], got {p!r}",
+                            fix=f"set data.{name} between 0 and 1, or leave it out")
+        changes[field] = float(p)
+    return dataclasses.replace(world, **changes) if changes else world
 
 
 STREAMS = {"pretrain": 1, "train": 2, "validation": 3, "tokenizer": 4}
@@ -326,8 +333,11 @@ def _join(parts: list[str]) -> str:
 
 
 def compose_caption(rng, things: list[tuple[int, str]], stuff: list[int], world: World = WORLDS[1]) -> str:
-    """Name the present classes, not where: `things` = (class id, colour name) per instance. Every
-    thing is named; the background with probability `world.stuff_mention_p`."""
+    """Name the present classes, not where: `things` = (class id, colour name) per instance. Each
+    thing class is named with probability `world.thing_mention_p` (if none is drawn, one at random:
+    a caption names at least one object, as alt-text names the salient one); the background with
+    probability `world.stuff_mention_p`. At probability 1 no random number is drawn, so captions are
+    those of the world's own rules."""
     order, counts, colour = [], {}, {}
     for cid, col in things:
         if cid not in counts:
@@ -335,6 +345,8 @@ def compose_caption(rng, things: list[tuple[int, str]], stuff: list[int], world:
         counts[cid] = counts.get(cid, 0) + 1
         colour[cid] = col
     rng.shuffle(order)
+    if world.thing_mention_p < 1 and order:
+        order = [cid for cid in order if rng.random() < world.thing_mention_p] or order[:1]
     objs = []
     for cid in order:
         name, n = CLASSES[cid], counts[cid]
@@ -357,11 +369,12 @@ def compose_caption(rng, things: list[tuple[int, str]], stuff: list[int], world:
 # ---- scenes -------------------------------------------------------------------------------
 def render(index: int, seed: int = 0, size: int = 64, split: str = "pretrain", *,
            max_objects: int | None = None, world: int = DEFAULT_WORLD,
-           background_mention_p: float | None = None) -> Scene:
+           background_mention_p: float | None = None, thing_mention_p: float | None = None) -> Scene:
     """Scene `index` of stream (`split`, `seed`) of world version `world`: deterministic, no global RNG.
-    `background_mention_p` overrides the world's chance that the caption names the background; the
-    caption is composed last, so image and labels are the same whatever it is."""
-    w = with_background_mention(get_world(world), background_mention_p)
+    `background_mention_p` / `thing_mention_p` override the world's chance that the caption names the
+    background / each thing class (`with_caption_rates`); the caption is composed last, so image and
+    labels are the same whatever they are."""
+    w = with_caption_rates(get_world(world), background_mention_p, thing_mention_p)
     rng = _rng(split, seed, index)
     x, y = _grid(size)
     nst = NUM_CLASSES - len(THING_CLASSES)
@@ -472,11 +485,11 @@ class PretrainDataset(Dataset):
     """Image-caption pairs rendered on the fly; item i is always the same scene (resumable)."""
 
     def __init__(self, seed: int, length: int, size: int = 64, split: str = "pretrain", world: int = DEFAULT_WORLD,
-                 background_mention_p: float | None = None):
+                 background_mention_p: float | None = None, thing_mention_p: float | None = None):
         _rng(split, seed, 0)  # validates split and seed
         self.world = get_world(world).version
-        with_background_mention(get_world(world), background_mention_p)  # validates it
-        self.background_mention_p = background_mention_p
+        with_caption_rates(get_world(world), background_mention_p, thing_mention_p)  # validates them
+        self.background_mention_p, self.thing_mention_p = background_mention_p, thing_mention_p
         self.seed, self.length, self.size, self.split = int(seed), int(length), int(size), split
 
     def __len__(self) -> int:
@@ -486,7 +499,7 @@ class PretrainDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         scene = render(index, self.seed, self.size, self.split, world=self.world,
-                       background_mention_p=self.background_mention_p)
+                       background_mention_p=self.background_mention_p, thing_mention_p=self.thing_mention_p)
         return {"image": torch.from_numpy(scene.image).permute(2, 0, 1).contiguous(), "caption": scene.caption}
 
 

@@ -100,7 +100,8 @@ def make_dataset(cfg: dict):
         try:
             return PretrainDataset(seed=data.get("seed", 0), length=data.get("length", 100_000),
                                    size=data.get("size", 64), world=data.get("world", DEFAULT_WORLD),
-                                   background_mention_p=data.get("background_mention_p"))
+                                   background_mention_p=data.get("background_mention_p"),
+                                   thing_mention_p=data.get("thing_mention_p"))
         except UserError as e:  # a bad `data` setting: name the recipe it came from
             if e.path is not None:
                 raise
