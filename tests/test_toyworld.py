@@ -96,7 +96,6 @@ def test_world_versions():
 def test_background_mention_changes_captions_only():
     """`background_mention_p` (pretraining data option) rewrites captions; scenes stay world 2's, so
     models trained with it are evaluated on the same toyworld_v2 split."""
-    from silc_bench.pretrain.trainer import make_dataset
 
     named = {0: 0, 1: 0}
     for i in range(40):
@@ -108,13 +107,23 @@ def test_background_mention_changes_captions_only():
             named[int(p)] += all(word in scene.caption for word in stuff)
             assert p or not any(word in scene.caption for word in stuff)
     assert named == {0: 0, 1: 40}
-    with pytest.raises(UserError, match="background_mention_p"):
-        tw.PretrainDataset(seed=0, length=4, world=2, background_mention_p=1.5)
-    data = {"kind": "toyworld", "length": 4, "world": 2, "background_mention_p": 1.0}
-    with pytest.raises(UserError, match=r"background_mention_p[\s\S]*file: recipe.yaml"):
-        make_dataset({"data": dict(data, background_mention_p=-0.5), "_config_path": "recipe.yaml"})
-    assert make_dataset({"data": data})[2]["caption"] == tw.render(2, 0, 64, world=2, background_mention_p=1.0).caption
-    assert make_dataset({"data": dict(data, background_mention_p=None)})[2]["caption"] == tw.render(2, 0, 64, world=2).caption
+
+
+@pytest.mark.parametrize("option,world,value", [("background_mention_p", 2, 1.0), ("thing_mention_p", 3, 0.5)])
+def test_caption_rate_options_are_checked_and_reach_the_pretraining_data(option, world, value):
+    """A recipe's caption option reaches the dataset; a bad one names the option and the recipe."""
+    from silc_bench.pretrain.trainer import make_dataset
+
+    for bad in (1.5, -0.5):
+        with pytest.raises(UserError, match=option):
+            tw.PretrainDataset(seed=0, length=4, world=world, **{option: bad})
+    data = {"kind": "toyworld", "length": 4, "world": world, option: value}
+    with pytest.raises(UserError, match=option + r"[\s\S]*file: recipe.yaml"):
+        make_dataset({"data": dict(data, **{option: -0.5}), "_config_path": "recipe.yaml"})
+    captions = [make_dataset({"data": data})[i]["caption"] for i in range(4)]
+    assert captions == [tw.render(i, 0, 64, world=world, **{option: value}).caption for i in range(4)]
+    assert captions != [tw.render(i, 0, 64, world=world).caption for i in range(4)]  # the option did something
+    assert make_dataset({"data": dict(data, **{option: None})})[2]["caption"] == tw.render(2, 0, 64, world=world).caption
 
 
 def _named_things(scene) -> set[str]:
@@ -126,8 +135,6 @@ def _named_things(scene) -> set[str]:
 def test_thing_mention_names_a_subset_of_the_things_and_changes_captions_only():
     """`thing_mention_p` (pretraining data option): each thing class present is named with that
     chance, at least one always is, and images and labels are those of the world's own scenes."""
-    from silc_bench.pretrain.trainer import make_dataset
-
     kept, present = {0.0: 0, 0.5: 0}, 0
     for i in range(60):
         base = tw.render(i, 0, 64, world=3, background_mention_p=1.0)
@@ -145,12 +152,6 @@ def test_thing_mention_names_a_subset_of_the_things_and_changes_captions_only():
             stuff = {tw.CLASSES[k] for k in np.unique(scene.labels) if k < len(tw.STUFF_CLASSES)}
             assert all(word in scene.caption for word in stuff)
     assert kept[0.0] == 60 and 0.5 * present < kept[0.5] < 0.8 * present, (kept, present)
-    with pytest.raises(UserError, match="thing_mention_p"):
-        tw.PretrainDataset(seed=0, length=4, world=3, thing_mention_p=2)
-    data = {"kind": "toyworld", "length": 4, "world": 3, "thing_mention_p": 0.5}
-    with pytest.raises(UserError, match=r"thing_mention_p[\s\S]*file: recipe.yaml"):
-        make_dataset({"data": dict(data, thing_mention_p=-1), "_config_path": "recipe.yaml"})
-    assert make_dataset({"data": data})[3]["caption"] == tw.render(3, 0, 64, world=3, thing_mention_p=0.5).caption
 
 
 @pytest.mark.parametrize("size,world", [(64, 1), (96, 1), (64, 2), (96, 2), (64, 3), (96, 3)])
