@@ -114,7 +114,7 @@ def test_caption_rate_options_are_checked_and_reach_the_pretraining_data(option,
     """A recipe's caption option reaches the dataset; a bad one names the option and the recipe."""
     from silc_bench.pretrain.trainer import make_dataset
 
-    for bad in (1.5, -0.5):
+    for bad in (1.5, -0.5, "half", True):
         with pytest.raises(UserError, match=option):
             tw.PretrainDataset(seed=0, length=4, world=world, **{option: bad})
     data = {"kind": "toyworld", "length": 4, "world": world, option: value}

@@ -127,7 +127,11 @@ def with_caption_rates(world: World, background_mention_p: float | None = None,
                            ("thing_mention_p", "thing_mention_p", thing_mention_p)):
         if p is None:
             continue
-        if not 0.0 <= float(p) <= 1.0:
+        try:
+            valid = not isinstance(p, bool) and 0.0 <= float(p) <= 1.0
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
             raise UserError(f"{name} must be a probability in [0, 1], got {p!r}",
                             fix=f"set data.{name} between 0 and 1, or leave it out")
         changes[field] = float(p)
