@@ -31,10 +31,11 @@ catseg_toy_demo = _experiment("catseg_toy_demo")
 seen_unseen = catseg_toy_demo.seen_unseen
 toy_seeds = _experiment("toy_seeds")
 toy_confusion = _experiment("toy_confusion")
+toy_summary = _experiment("toy_summary")
 summarise = toy_seeds.summarise
 
 
-@pytest.mark.parametrize("script", ["toy_seeds.py", "catseg_toy_demo.py", "toy_confusion.py"])
+@pytest.mark.parametrize("script", ["toy_seeds.py", "catseg_toy_demo.py", "toy_confusion.py", "toy_summary.py"])
 def test_experiments_run_as_scripts(script, tmp_path):
     """`python experiments/X.py --help` works from any folder, as a plain script (no `-m`)."""
     proc = subprocess.run([sys.executable, str(EXPERIMENTS / script), "--help"], cwd=tmp_path,
@@ -145,3 +146,35 @@ def test_confusion_script_reads_ade_labels_and_saved_predictions(tmp_path):
                            "--data-root", str(tmp_path / "elsewhere")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert "img1.png: label file not found" in proc.stderr and "--data-root" in proc.stderr
+
+
+def test_toy_summary_is_regenerated_from_the_committed_records():
+    """results/toy/summary.md and the README's copy of its table are what the records say today."""
+    table = toy_summary.summary_table(PROJECT_DIR / "results" / "toy")
+    assert (PROJECT_DIR / "results" / "toy" / "summary.md").read_text() == table
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    readme = (PROJECT_DIR / "README.md").read_text()
+    assert all(line in readme.splitlines() for line in rows)
+    main_job = next(line for line in rows if "`seeds_w2`" in line)  # the values the README's intro quotes
+    assert "| 0-4 | 4.06 ± 1.25 | 5.93 ± 1.16 | 1.87 ± 1.34 | 5 of 5 | 1.5x | 3.1 |" in main_job
+
+
+def test_toy_summary_pairs_clip_with_silc_and_checks_the_bar():
+    def run(*mious):
+        return {s: {"mIoU": m, "stuff": 0.0, "things": 0.0, "dataset": "toyworld_v3"} for s, m in enumerate(mious)}
+
+    row = toy_summary.compare({"clip_x": run(15.0, 16.0, 17.0), "clip_views_ema_x": run(20.0, 21.0, 22.0),
+                               "clip_views_x": run(0.0, 0.0, 0.0), "silc_c_x": run(21.0, 22.0, 23.0)})
+    assert row["lead"] == (6.0, 0.0) and row["ahead"] == 3 and row["distill_step"] == (1.0, 0.0)
+    assert row["ratio"] == 6.0 and row["bar_met"]  # lead 6 = 6x the larger std (1), CLIP 16
+    weak = toy_summary.compare({"clip": run(10.0, 12.0, 14.0), "silc_c": run(16.0, 18.0, 20.0)})
+    assert weak["ratio"] == 3.0 and not weak["bar_met"]  # CLIP below 15
+    assert toy_summary.compare({"clip": run(1.0)}) is None
+
+
+def test_toy_summary_names_a_checkpoint_without_a_record(tmp_path):
+    folder = tmp_path / "some_setting"
+    (folder / "records" / "zs-seg").mkdir(parents=True)
+    (folder / "table.md").write_text("| clip | 0 | `0123456789ab` |\n")
+    with pytest.raises(SystemExit, match="checkpoint 0123456789ab .*rerun experiments/toy_seeds.py"):
+        toy_summary.read_setting(folder)
