@@ -1,4 +1,4 @@
-"""Every toy-world setting measured so far in one table: toy SILC-C against toy CLIP, seed by seed,
+"""Every world-2 and world-3 toy setting with per-seed records in one table: toy SILC-C against toy CLIP, seed by seed,
 and the toy-world issue's bar (a lead of 3x the larger seed std, CLIP >= 15 mIoU, a lead >= 5).
 
     python experiments/toy_summary.py     # prints the table and writes results/toy/summary.md
@@ -27,7 +27,7 @@ from silc_bench.results.record import atomic_write_text  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_seeds import stuff_and_things  # noqa: E402
 
-# What each folder changes, in the words of the README's toy-world section (folder name otherwise).
+# What each folder changes, in the words of docs/toyworld.md (folder name otherwise).
 SETTINGS = {
     "seeds_w2": "world 2 (the main job's recipes)",
     "ladder_w2": "world 2, Table 6 ladder",
@@ -106,10 +106,12 @@ def compare(runs: dict[str, dict[int, dict]]) -> dict | None:
 
 def summary_table(root: Path) -> str:
     lines = [
-        "Every toy-world setting measured: zero-shot segmentation mIoU (%) of toy CLIP and toy SILC-C on the "
+        "Every world-2 and world-3 setting with per-seed records: zero-shot segmentation mIoU (%) of toy CLIP and toy "
+        "SILC-C on the "
         "500-image validation split of the world they were trained on (30 classes, chance 3.3), 400 steps of "
         "batch 64 unless the setting says otherwise. Written by `python experiments/toy_summary.py` from the "
-        "records in each folder.",
+        "records in each folder. Not here: world 1 (both models at chance; README) and world 2 at 1200 steps "
+        "(three CLIP seeds, one SILC-C; docs/toyworld.md), which have no per-seed records folder.",
         "",
         "| setting | folder | seeds | CLIP | SILC-C | SILC-C minus CLIP, same seed | ahead on | lead / larger std "
         "| paired t | thing IoU lead | self-distillation step (SILC-C minus + EMA) | issue's bar met |",
