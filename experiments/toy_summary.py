@@ -53,8 +53,7 @@ def read_setting(folder: Path) -> dict[str, dict[int, dict]]:
     for path in sorted((folder / "records" / "zs-seg").glob("*/toyworld*.json")):
         record = json.loads(path.read_text())
         stuff, things = stuff_and_things(record)
-        scores[record["model"]["sha256"][:12]] = {"mIoU": record["metrics"]["mIoU"], "stuff": stuff, "things": things,
-                                                 "dataset": record["dataset"]["name"]}
+        scores[record["model"]["sha256"][:12]] = {"mIoU": record["metrics"]["mIoU"], "stuff": stuff, "things": things}
     runs: dict[str, dict[int, dict]] = {}
     for line in (folder / "table.md").read_text().splitlines():
         match = CHECKPOINT_ROW.match(line)
@@ -87,7 +86,6 @@ def compare(runs: dict[str, dict[int, dict]]) -> dict | None:
     lead = [b[s]["mIoU"] - a[s]["mIoU"] for s in seeds]
     out = {
         "seeds": seeds,
-        "dataset": a[seeds[0]]["dataset"],
         "clip": mean_std([a[s]["mIoU"] for s in seeds]),
         "silc": mean_std([b[s]["mIoU"] for s in seeds]),
         "lead": mean_std(lead),

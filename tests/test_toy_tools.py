@@ -161,7 +161,7 @@ def test_toy_summary_is_regenerated_from_the_committed_records():
 
 def test_toy_summary_pairs_clip_with_silc_and_checks_the_bar():
     def run(*mious):
-        return {s: {"mIoU": m, "stuff": 0.0, "things": 0.0, "dataset": "toyworld_v3"} for s, m in enumerate(mious)}
+        return {s: {"mIoU": m, "stuff": 0.0, "things": 0.0} for s, m in enumerate(mious)}
 
     row = toy_summary.compare({"clip_x": run(15.0, 16.0, 17.0), "clip_views_ema_x": run(20.0, 21.0, 22.0),
                                "clip_views_x": run(0.0, 0.0, 0.0), "silc_c_x": run(21.0, 22.0, 23.0)})
